@@ -1,0 +1,274 @@
+"""
+Synthetic long-context tasks (RULER-style), built in token space so they work with any tokenizer.
+
+Notable:
+- Every generator returns `{"ids", "answer_start", "answer_len", "needle_pos", "target_pos",
+  "kind", "answer_text"}`. `ids` has exactly the requested length and ends with the answer, right
+  after the question: `answer_start + answer_len == length`. A model is scored by teacher-forced
+  NLL / accuracy of `ids[answer_start:]` given everything before it.
+- Pieces (needles, question, answer) are encoded separately and concatenated as token arrays;
+  the filler gets exactly the tokens left over. So lengths are exact whatever the tokenizer.
+- Tasks: passkey, multi-key NIAH (distractor keys), multi-value NIAH (all values of one key, in
+  document order), KV recall (many key-value pairs, query one).
+- Train/eval separation, three ways: seeds (`task_rng`: train seeds < 2**31 <= eval seeds),
+  phrasing (`fmt` 0 and 1 for training, 2 held out for eval) and values (every answer number has
+  an even digit sum in the train split and an odd one in eval), so an eval answer is never seen
+  as an answer in training.
+- `mix_tasks_into_batch` swaps a random fraction of rows of a (B, T) token batch for task
+  examples and returns a loss-weight mask that up-weights the answer tokens.
+"""
+
+import numpy as np
+
+TRAIN_SEED_BASE = 0
+EVAL_SEED_BASE = 2**31  # train seeds live in [0, 2**31), eval seeds in [2**31, 2**32)
+TRAIN_FMTS = (0, 1)
+EVAL_FMTS = (2,)
+SPLITS = ("train", "eval")
+
+RULER_NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+# (needle, question) per fmt; the answer is always " {k}".
+PASSKEY_TEMPLATES = [
+    (" The pass key is {k}. Remember it. {k} is the pass key. ",
+     " What is the pass key? The pass key is"),
+    (" Remember this: the secret key is {k}. The secret key is {k}. ",
+     " What is the secret key? The secret key is"),
+    (" Important: the access code is {k}. Keep the access code {k} in mind. ",
+     " Recall the access code. The access code is"),
+]
+# (needle, question for one value, question for all values) per fmt.
+MAGIC_TEMPLATES = [
+    (" One of the special magic numbers for {key} is: {v}. ",
+     " What is the special magic number for {key}? The special magic number for {key} is",
+     " What are all the special magic numbers for {key}? The special magic numbers for {key} are"),
+    (" The magic number of {key} is {v}. ",
+     " Which magic number belongs to {key}? The magic number of {key} is",
+     " Which magic numbers belong to {key}? The magic numbers of {key} are"),
+    (" Note that {key} has the hidden number {v}. ",
+     " What is the hidden number of {key}? The hidden number of {key} is",
+     " List every hidden number of {key}. The hidden numbers of {key} are"),
+]
+KV_TEMPLATES = [
+    (" key-{k}: value-{v}.", " What is the value for key-{k}? The value for key-{k} is"),
+    (" The value of key-{k} is value-{v}.", " Look up key-{k}. Its value is"),
+    (" key-{k} maps to value-{v}.", " What does key-{k} map to? key-{k} maps to"),
+]
+# Keys for the NIAH tasks are two of these joined by a hyphen (1600 combinations), as in RULER.
+WORDS = (
+    "apple river stone cloud tiger lamp window garden silver ocean forest candle mirror rocket "
+    "violin pepper marble thunder falcon harbor meadow lantern copper velvet glacier orchid "
+    "compass saddle willow ember canyon pebble quartz badger comet hollow maple crimson ladder "
+    "fearless"
+).split()
+
+
+def task_rng(split, index):
+    """Generator for example `index` of `split`; train and eval seed ranges never overlap."""
+    assert split in SPLITS, f"split must be one of {SPLITS}, got {split!r}"
+    if not 0 <= index < 2**31:
+        raise ValueError(f"index must be in [0, 2**31), got {index}")
+    base = TRAIN_SEED_BASE if split == "train" else EVAL_SEED_BASE
+    return np.random.default_rng(base + index)
+
+
+# -----------------------------------------------------------------------------
+# Filler
+
+def make_text_filler(token_ids):
+    """Filler that returns random contiguous slices of a long token array (wrapping around)."""
+    token_ids = np.asarray(token_ids, dtype=np.int64)
+    if token_ids.size == 0:
+        raise ValueError("make_text_filler needs a non-empty token array")
+
+    def filler(rng, n):
+        start = int(rng.integers(token_ids.size))
+        return token_ids[(start + np.arange(n)) % token_ids.size]
+    return filler
+
+
+def make_repeat_filler(encode):
+    """Filler that repeats the classic RULER noise essay ("The grass is green. ...")."""
+    unit = np.asarray(encode(RULER_NOISE), dtype=np.int64)
+
+    def filler(rng, n):
+        # Deterministic like RULER; the rng is unused but kept for the common filler signature.
+        return np.resize(unit, n)
+    return filler
+
+
+# -----------------------------------------------------------------------------
+# Values and keys
+
+def _number(rng, n_digits, split):
+    """Random n-digit number whose digit sum is even (train) or odd (eval): disjoint sets."""
+    assert split in SPLITS, f"split must be one of {SPLITS}, got {split!r}"
+    digits = [int(rng.integers(1, 10))] + [int(d) for d in rng.integers(0, 10, n_digits - 2)]
+    parity = 0 if split == "train" else 1
+    # The last digit takes one of the five digits of the needed parity, so the draw stays uniform.
+    digits.append(2 * int(rng.integers(5)) + (parity - sum(digits)) % 2)
+    return "".join(map(str, digits))
+
+
+def _hex(rng, n, split=None):
+    """Random hex string; with a split, its hex-digit sum parity encodes the split as above."""
+    digits = [int(d) for d in rng.integers(0, 16, n)]
+    if split is not None:
+        parity = 0 if split == "train" else 1
+        digits[-1] = 2 * (digits[-1] // 2) + (parity - sum(digits[:-1])) % 2
+    return "".join("0123456789abcdef"[d] for d in digits)
+
+
+def _distinct(draw, n):
+    """n distinct values from a zero-arg draw function (rejection; collisions are rare)."""
+    out = []
+    while len(out) < n:
+        v = draw()
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def is_train_value(value):
+    """True if `value` (digits or hex) belongs to the train partition (even digit sum)."""
+    return sum(int(c, 16) for c in value) % 2 == 0
+
+
+# -----------------------------------------------------------------------------
+# Assembly
+
+def _check_fmt(fmt, templates):
+    if fmt not in range(len(templates)):
+        raise ValueError(f"fmt must be in 0..{len(templates) - 1}, got {fmt}")
+
+
+def _assemble(rng, length, filler, encode, kind, needles, depths, question, answer, target):
+    """filler with needles at relative depths (sorted), then question, then answer: exactly `length`."""
+    enc = lambda s: np.asarray(encode(s), dtype=np.int64)
+    needle_ids = [enc(s) for s in needles]
+    q_ids, a_ids = enc(question), enc(answer)
+    n_fill = length - sum(len(x) for x in needle_ids) - len(q_ids) - len(a_ids)
+    if n_fill < 0:
+        raise ValueError(
+            f"{kind}: needs at least {length - n_fill} tokens ({len(needles)} needle(s) "
+            f"{sum(len(x) for x in needle_ids)} + question {len(q_ids)} + answer {len(a_ids)}), "
+            f"got length {length}")
+    assert all(a <= b for a, b in zip(depths, depths[1:])), "depths must be sorted"
+    fill = np.asarray(filler(rng, n_fill), dtype=np.int64)
+    assert len(fill) == n_fill, f"filler returned {len(fill)} tokens, asked for {n_fill}"
+    offsets = [int(round(d * n_fill)) for d in depths]
+    parts, needle_pos, prev, pos = [], [], 0, 0
+    for off, ids in zip(offsets, needle_ids):
+        parts += [fill[prev:off], ids]
+        pos += off - prev
+        needle_pos.append(pos)
+        pos += len(ids)
+        prev = off
+    parts += [fill[prev:], q_ids, a_ids]
+    ids = np.concatenate(parts)
+    assert len(ids) == length
+    return {"ids": ids, "answer_start": length - len(a_ids), "answer_len": len(a_ids),
+            "needle_pos": needle_pos, "target_pos": [needle_pos[i] for i in target],
+            "kind": kind, "answer_text": answer}
+
+
+def _depths(rng, n):
+    return sorted(float(d) for d in rng.random(n))
+
+
+# -----------------------------------------------------------------------------
+# Tasks
+
+def passkey(rng, length, filler, encode, depth=None, fmt=0, split="train", n_digits=5):
+    """One passkey needle at relative depth `depth` in [0, 1] (random if None)."""
+    _check_fmt(fmt, PASSKEY_TEMPLATES)
+    if depth is None:
+        depth = float(rng.random())
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    k = _number(rng, n_digits, split)
+    needle, question = PASSKEY_TEMPLATES[fmt]
+    return _assemble(rng, length, filler, encode, "passkey", [needle.format(k=k)], [depth],
+                     question, f" {k}", target=[0])
+
+
+def _magic_keys(rng, n):
+    return _distinct(lambda: "-".join(rng.choice(WORDS, 2, replace=False)), n)
+
+
+def multikey_niah(rng, length, filler, encode, n_keys=4, fmt=0, split="train", n_digits=7):
+    """n_keys needles with distinct word keys at random depths; the question asks for one of them."""
+    _check_fmt(fmt, MAGIC_TEMPLATES)
+    keys = _magic_keys(rng, n_keys)
+    values = _distinct(lambda: _number(rng, n_digits, split), n_keys)
+    q = int(rng.integers(n_keys))
+    needle, question, _ = MAGIC_TEMPLATES[fmt]
+    return _assemble(rng, length, filler, encode, "multikey",
+                     [needle.format(key=k, v=v) for k, v in zip(keys, values)], _depths(rng, n_keys),
+                     question.format(key=keys[q]), f" {values[q]}", target=[q])
+
+
+def multivalue_niah(rng, length, filler, encode, n_values=4, fmt=0, split="train", n_digits=7):
+    """One key with n_values values at random depths; the answer lists them in document order."""
+    _check_fmt(fmt, MAGIC_TEMPLATES)
+    key = _magic_keys(rng, 1)[0]
+    # depths are sorted, so values[i] lands before values[i+1]: list order == document order.
+    values = _distinct(lambda: _number(rng, n_digits, split), n_values)
+    needle, _, question = MAGIC_TEMPLATES[fmt]
+    return _assemble(rng, length, filler, encode, "multivalue",
+                     [needle.format(key=key, v=v) for v in values], _depths(rng, n_values),
+                     question.format(key=key), " " + ", ".join(values), target=list(range(n_values)))
+
+
+def kv_recall(rng, length, filler, encode, n_pairs=16, fmt=0, split="train", n_hex=6):
+    """n_pairs "key-XXXXXX: value-YYYYYY" pairs (random hex) at random depths; query one key."""
+    _check_fmt(fmt, KV_TEMPLATES)
+    keys = _distinct(lambda: _hex(rng, n_hex), n_pairs)
+    values = [_hex(rng, n_hex, split) for _ in range(n_pairs)]
+    q = int(rng.integers(n_pairs))
+    needle, question = KV_TEMPLATES[fmt]
+    return _assemble(rng, length, filler, encode, "kv",
+                     [needle.format(k=k, v=v) for k, v in zip(keys, values)], _depths(rng, n_pairs),
+                     question.format(k=keys[q]), f" value-{values[q]}", target=[q])
+
+
+TASKS = {"passkey": passkey, "multikey": multikey_niah, "multivalue": multivalue_niah, "kv": kv_recall}
+
+
+def make_example(kind, rng, length, filler, encode, **kw):
+    """One example of task `kind` (a key of TASKS); **kw go to the generator (fmt, split, ...)."""
+    if kind not in TASKS:
+        raise ValueError(f"unknown task {kind!r}; choose from {sorted(TASKS)}")
+    return TASKS[kind](rng, length, filler, encode, **kw)
+
+
+def random_train_example(rng, length, filler, encode, kinds=tuple(TASKS)):
+    """A training example: random kind, random train phrasing, train values."""
+    kind = kinds[int(rng.integers(len(kinds)))]
+    fmt = TRAIN_FMTS[int(rng.integers(len(TRAIN_FMTS)))]
+    return make_example(kind, rng, length, filler, encode, fmt=fmt, split="train")
+
+
+# -----------------------------------------------------------------------------
+# Mixing into the training stream
+
+def mix_tasks_into_batch(tokens, rng, rate, make_example, answer_weight=4.0):
+    """
+    Replace each row of `tokens` (B, T) with a task example with probability `rate`.
+    `make_example(rng, T)` returns an example dict (e.g. a partial of random_train_example).
+    Returns (new_tokens, weights): weights[b, t] (float32) weights the loss of predicting
+    tokens[b, t]: 1 everywhere, `answer_weight` on answer tokens. With x = tokens[:, :-1] and
+    y = tokens[:, 1:], use weights[:, 1:].
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must be in [0, 1], got {rate}")
+    B, T = tokens.shape
+    out = tokens.copy()
+    weights = np.ones((B, T), dtype=np.float32)
+    # Per-row coin flips, not round(rate * B): with small B and rate round() would mix in nothing.
+    for b in np.flatnonzero(rng.random(B) < rate):
+        ex = make_example(rng, T)
+        assert len(ex["ids"]) == T, f"example has {len(ex['ids'])} tokens, batch rows have {T}"
+        out[b] = ex["ids"]
+        weights[b, ex["answer_start"]:ex["answer_start"] + ex["answer_len"]] = answer_weight
+    return out, weights

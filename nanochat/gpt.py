@@ -1,0 +1,427 @@
+"""
+GPT model plus the learned MegaContext modules. Every nn.Module of the model lives here.
+
+Base model (nanochat-style):
+- rotary position embeddings computed from *explicit* positions (any float position, optional
+  Gaussian damping per entry), so the same model reads plain tokens or a mixed-LOD working context
+- QK norm (applied before rotary so that damping survives), parameter-free RMSNorm everywhere
+- relu^2 MLP, no biases, untied token embedding / lm_head, GQA/MQA via n_kv_head
+- logit soft-capping; attention through one function (flash-attn if installed, else SDPA)
+- forward accepts input ids *or* input embeddings, so gists can stand in for tokens
+
+MegaContext modules (created when config.megacontext is true):
+- GistNet: K children (token embeddings or gists) + one query slot -> one vector in the input
+  embedding space. Bidirectional inside the block, same weights at every level + level embedding.
+  Starts as mean-pooling (zero-initialised residual), so untrained gists are already sensible.
+- LensNet: a small non-causal transformer over working-context entries plus the recent tail
+  tokens; one signed score per entry (>0 wants detail, <0 less). No positional rotary: order
+  enters only through per-entry features, so it is permutation-equivariant over entries.
+"""
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # optional: flash-attn 2 on CUDA; everything works without it
+    from flash_attn import flash_attn_func
+except Exception:  # ImportError, or a broken CUDA build
+    flash_attn_func = None
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 1024
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    softcap: float = 15.0
+    rope_base: float = 10000.0
+    # MegaContext
+    megacontext: bool = False
+    mc_block_size: int = 32      # K
+    mc_max_level: int = 2
+    gist_layers: int = 2
+    gist_dim: int = 0            # 0 -> n_embd // 2 (keeps ingest < 5% of base FLOPs per token)
+    lens_layers: int = 2
+    lens_dim: int = 0            # 0 -> n_embd // 4
+    pos_scheme: str = "entry"    # "entry" (positions = working-context entry index) or "gaussian"
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError("head dim must be even for rotary embeddings")
+        if self.pos_scheme not in ("entry", "gaussian"):
+            raise ValueError(f"pos_scheme must be 'entry' or 'gaussian', got {self.pos_scheme!r}")
+        if self.gist_dim == 0:
+            self.gist_dim = max(64, self.n_embd // 2)
+        if self.lens_dim == 0:
+            self.lens_dim = max(64, self.n_embd // 4)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+# -----------------------------------------------------------------------------
+# Rotary embeddings from explicit positions
+
+@torch.compiler.disable  # computed once per forward, eagerly: inside a compiled graph Inductor
+def rotary_cos_sin(pos, head_dim, base, sigma=None, dtype=torch.bfloat16):  # re-derives fp64 trig in every consumer kernel (measured: 25% of a d12 step)
+    """pos: (B, T) positions (ints or floats); sigma: optional (B, T) spread of each entry.
+    Returns cos, sin of shape (B, T, 1, head_dim/2). A span of spread sigma has its rotary
+    components damped by exp(-(omega*sigma)^2/2): the expectation of e^{i omega p} under a
+    Gaussian. sigma == 0 gives plain RoPE bit for bit."""
+    device = pos.device
+    # float64 angles so that positions ~1e6 keep their phase (fp32 would lose ~0.06 rad there)
+    fdt = torch.float32 if device.type == "mps" else torch.float64
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=fdt) / head_dim))
+    ang = pos.to(fdt)[..., None] * inv_freq
+    cos, sin = ang.cos(), ang.sin()
+    if sigma is not None:
+        damp = torch.exp(-0.5 * (sigma.to(fdt)[..., None] * inv_freq) ** 2)
+        cos, sin = cos * damp, sin * damp
+    return cos[:, :, None, :].to(dtype), sin[:, :, None, :].to(dtype)
+
+
+def apply_rotary(x, cos, sin):
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# Attention: one function for every caller
+
+def attention(q, k, v, causal=True, attn_mask=None):
+    """q: (B, Tq, H, D); k, v: (B, Tk, Hkv, D). attn_mask: bool (B or 1, 1, Tq, Tk), True = attend.
+    Causal with Tq < Tk means the queries are the *last* Tq positions (chunked prefill)."""
+    Tq, Tk = q.size(1), k.size(1)
+    if flash_attn_func is not None and q.is_cuda and attn_mask is None and q.dtype in (torch.bfloat16, torch.float16):
+        return flash_attn_func(q, k, v, causal=causal)  # bottom-right aligned causal, native GQA
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = q.size(1) != k.size(1)
+    if attn_mask is None and causal and Tq != Tk:
+        if Tq == 1:
+            causal = False  # a single new query sees the whole cache
+        else:
+            attn_mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+    if attn_mask is not None:
+        causal = False
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=gqa)
+    return y.transpose(1, 2)
+
+
+class KVCache:
+    """Preallocated per-layer K/V buffers (gpt-fast style). `pos` counts entries written.
+    `truncate(j)` drops entries >= j so that an edit at working-context entry j recomputes
+    from j forward only."""
+
+    def __init__(self, batch_size, num_kv_heads, seq_len, head_dim, num_layers, device, dtype):
+        shape = (num_layers, batch_size, seq_len, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+        self.max_len = seq_len
+        self.num_layers = num_layers
+
+    def insert_kv(self, layer, k, v):
+        t0, t1 = self.pos, self.pos + k.size(1)
+        if t1 > self.max_len:
+            raise ValueError(f"KV cache overflow: {t1} > {self.max_len}")
+        self.k[layer, :, t0:t1] = k
+        self.v[layer, :, t0:t1] = v
+        if layer == self.num_layers - 1:
+            self.pos = t1
+        return self.k[layer, :, :t1], self.v[layer, :, :t1]
+
+    def truncate(self, pos):
+        if not 0 <= pos <= self.pos:
+            raise ValueError(f"cannot truncate KV cache at {pos} (holds {self.pos})")
+        self.pos = pos
+
+    def expand_batch(self, n):
+        """Replicate a batch-1 cache into n rows (prefill once, sample n continuations)."""
+        assert self.k.size(1) == 1
+        self.k = self.k.expand(-1, n, -1, -1, -1).contiguous()
+        self.v = self.v.expand(-1, n, -1, -1, -1).contiguous()
+
+
+# -----------------------------------------------------------------------------
+# Transformer blocks (shared by GPT, GistNet and LensNet)
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim, n_head, n_kv_head, layer_idx=0):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, dim // n_head
+        self.c_q = nn.Linear(dim, n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(dim, n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(dim, n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, cos_sin, kv_cache=None, causal=True, attn_mask=None):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = norm(q), norm(k)  # QK norm first: rotary damping must not be normalised away
+        if cos_sin is not None:
+            cos, sin = cos_sin
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        if kv_cache is not None:
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
+        y = attention(q, k, v, causal=causal, attn_mask=attn_mask)
+        return self.c_proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.c_fc = nn.Linear(dim, 4 * dim, bias=False)
+        self.c_proj = nn.Linear(4 * dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, dim, n_head, n_kv_head, layer_idx=0):
+        super().__init__()
+        self.attn = CausalSelfAttention(dim, n_head, n_kv_head, layer_idx)
+        self.mlp = MLP(dim)
+
+    def forward(self, x, cos_sin, kv_cache=None, causal=True, attn_mask=None):
+        x = x + self.attn(norm(x), cos_sin, kv_cache, causal, attn_mask)
+        return x + self.mlp(norm(x))
+
+
+def _heads(dim):
+    return max(1, dim // 64)
+
+
+# -----------------------------------------------------------------------------
+# GistNet: K children -> one embedding
+
+class GistNet(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        D, d, K = config.n_embd, config.gist_dim, config.mc_block_size
+        self.K, self.rope_base = K, config.rope_base
+        self.head_dim = d // _heads(d)
+        self.proj_in = nn.Linear(D, d, bias=False)
+        self.query = nn.Parameter(torch.zeros(d))
+        self.level_emb = nn.Embedding(config.mc_max_level + 1, d)
+        self.blocks = nn.ModuleList([Block(d, _heads(d), _heads(d)) for _ in range(config.gist_layers)])
+        self.proj_out = nn.Linear(d, D, bias=False)
+
+    def forward(self, children, level):
+        """children: (n, K, D) embeddings of the children (token embeddings for level 1).
+        level: the level of the gist being made (>= 1). Returns (n, D)."""
+        n, K, _ = children.shape
+        assert K == self.K, f"GistNet expects {self.K} children, got {K}"
+        h = self.proj_in(norm(children))
+        q = (self.query + self.level_emb.weight[level]).to(h.dtype).expand(n, 1, -1)
+        x = torch.cat([h, q], dim=1)  # query slot last: position K, sees the whole block
+        pos = torch.arange(K + 1, device=x.device)[None]
+        cos_sin = rotary_cos_sin(pos, self.head_dim, self.rope_base, dtype=x.dtype)
+        for block in self.blocks:
+            x = block(x, cos_sin, causal=False)
+        # mean-pool prior + learned residual (proj_out starts at zero)
+        return children.mean(dim=1) + self.proj_out(norm(x[:, -1]))
+
+
+# -----------------------------------------------------------------------------
+# LensNet: working-context entries + recent tail -> one signed score per entry
+
+LENS_FEATURES = 4  # per-entry features: log-age, log-width, relative position, is-tail
+
+
+def lens_features(starts, widths, num_tokens):
+    """Per-entry LensNet features from spans. starts, widths: (B, E) tensors; num_tokens: (B, 1)
+    or int. Scale-free (logs and ratios) so they stay in range at any history length."""
+    starts, widths = starts.float(), widths.float()
+    n = torch.as_tensor(num_tokens, dtype=torch.float32, device=starts.device)
+    age = (n - (starts + widths)).clamp(min=0)
+    return torch.stack([torch.log1p(age) / 8.0, torch.log(widths) / 8.0,
+                        starts / n.clamp(min=1), torch.zeros_like(starts)], dim=-1)
+
+
+class LensNet(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        D, d = config.n_embd, config.lens_dim
+        self.proj_in = nn.Linear(D, d, bias=False)
+        self.level_emb = nn.Embedding(config.mc_max_level + 2, d)  # last row marks tail tokens
+        self.feat = nn.Linear(LENS_FEATURES, d, bias=False)
+        self.blocks = nn.ModuleList([Block(d, _heads(d), _heads(d)) for _ in range(config.lens_layers)])
+        self.head = nn.Linear(d, 1, bias=False)
+        self.tail_level = config.mc_max_level + 1
+
+    def forward(self, entry_emb, entry_level, entry_feat, tail_emb, valid):
+        """entry_emb (B, E, D), entry_level (B, E) long, entry_feat (B, E, LENS_FEATURES),
+        tail_emb (B, t, D), valid (B, E) bool (False = padding). Returns scores (B, E) float32,
+        exactly 0 at padding. Padding never influences valid entries (it is masked as a key)."""
+        B, E, _ = entry_emb.shape
+        t = tail_emb.size(1)
+        lvl = entry_level.clamp(min=0)
+        x_e = self.proj_in(norm(entry_emb)) + self.level_emb(lvl) + self.feat(entry_feat.to(entry_emb.dtype))
+        tail_feat = torch.zeros(B, t, LENS_FEATURES, device=tail_emb.device, dtype=tail_emb.dtype)
+        tail_feat[..., 3] = 1.0
+        x_t = self.proj_in(norm(tail_emb)) + self.level_emb.weight[self.tail_level] + self.feat(tail_feat)
+        x = torch.cat([x_e, x_t.to(x_e.dtype)], dim=1)
+        keys = torch.cat([valid, torch.ones(B, t, dtype=torch.bool, device=valid.device)], dim=1)
+        mask = keys[:, None, None, :]  # (B, 1, 1, E+t): every query sees every valid key
+        for block in self.blocks:
+            x = block(x, None, causal=False, attn_mask=mask)
+        scores = self.head(norm(x[:, :E])).squeeze(-1).float()
+        return torch.where(valid, scores, torch.zeros_like(scores))
+
+
+# -----------------------------------------------------------------------------
+# The GPT
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            h=nn.ModuleList([Block(config.n_embd, config.n_head, config.n_kv_head, i) for i in range(config.n_layer)]),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.head_dim = config.n_embd // config.n_head
+        if config.megacontext:
+            self.gistnet = GistNet(config)
+            self.lensnet = LensNet(config)
+            # level embedding for working-context entries; row 0 (tokens) is never used, so
+            # an all-LOD0 window is exactly the plain model
+            self.lod_emb = nn.Embedding(config.mc_max_level + 1, config.n_embd)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """nanochat-style init: N(0,1) embeddings, uniform(+-sqrt(3/d)) matrices, zero output
+        projections (every residual branch starts as identity), small lm_head."""
+        def init_block(block, dim):
+            s = math.sqrt(3.0 / dim)
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(lin.weight, -s, s)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+
+        nn.init.normal_(self.transformer.wte.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for b in self.transformer.h:
+            init_block(b, self.config.n_embd)
+        if self.config.megacontext:
+            g, l = self.gistnet, self.lensnet
+            for b in g.blocks:
+                init_block(b, self.config.gist_dim)
+            for b in l.blocks:
+                init_block(b, self.config.lens_dim)
+            nn.init.normal_(g.proj_in.weight, std=self.config.n_embd ** -0.5)
+            nn.init.zeros_(g.proj_out.weight)
+            nn.init.normal_(g.query, std=0.02)
+            nn.init.normal_(g.level_emb.weight, std=0.02)
+            nn.init.normal_(l.proj_in.weight, std=self.config.n_embd ** -0.5)
+            nn.init.normal_(l.level_emb.weight, std=0.02)
+            nn.init.normal_(l.feat.weight, std=0.02)
+            nn.init.zeros_(l.head.weight)
+            nn.init.zeros_(self.lod_emb.weight)
+
+    # -- bookkeeping ----------------------------------------------------------
+
+    def num_params(self, part=None):
+        mods = {"gpt": [self.transformer, self.lm_head]}
+        if self.config.megacontext:
+            mods.update(gistnet=[self.gistnet], lensnet=[self.lensnet], lod=[self.lod_emb])
+        sel = mods if part is None else {part: mods[part]}
+        return sum(p.numel() for ms in sel.values() for m in ms for p in m.parameters())
+
+    def estimate_flops(self, seq_len=None):
+        """FLOPs per token of the base model for fwd+bwd (6N + attention), nanochat's estimate."""
+        c = self.config
+        T = seq_len or c.sequence_len
+        n = sum(p.numel() for p in self.transformer.h.parameters()) + self.lm_head.weight.numel()
+        return 6 * n + 12 * c.n_layer * c.n_head * self.head_dim * T
+
+    def param_groups(self):
+        """(matrix params for Muon, {name: params} for AdamW). Every parameter lands in exactly
+        one group: GistNet/LensNet included (the earlier implementation forgot them)."""
+        muon, embed, head, other = [], [], [], []
+        emb_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        for name, p in self.named_parameters():
+            if name == "transformer.wte.weight":
+                embed.append(p)
+            elif name == "lm_head.weight":
+                head.append(p)
+            elif p.ndim == 2 and id(p) not in emb_ids and min(p.shape) >= 16:
+                muon.append(p)  # hidden matrices of every transformer (base, GistNet, LensNet)
+            else:
+                other.append(p)  # MC embeddings, query slot, tiny feature/score heads
+        return muon, {"embed": embed, "lm_head": head, "other": other}
+
+    # -- MegaContext glue: the one place that says how tree nodes become model inputs --------
+
+    def embed(self, idx):
+        return self.transformer.wte(idx)
+
+    def gist(self, child_level, children):
+        """The tree's gist_fn: child_level 0 -> children are (n, K) token ids; else (n, K, D)
+        gists of that level. Returns (n, D) gists of level child_level + 1."""
+        if child_level == 0:
+            children = self.embed(children)
+        return self.gistnet(children, child_level + 1)
+
+    def entry_embeddings(self, levels, token_ids, gists):
+        """Working-context entries -> input embeddings. levels (B, E) long (-1 = padding);
+        token_ids (B, E) long, used where level == 0; gists (B, E, D), used where level >= 1
+        (the level embedding is added there). LOD0 entries are exactly the plain token
+        embeddings, so an all-LOD0 window is the plain model."""
+        tok = self.embed(token_ids.clamp(min=0))
+        lvl = levels.clamp(min=0)
+        g = gists.to(tok.dtype) + self.lod_emb(lvl).to(tok.dtype)
+        return torch.where((levels > 0)[..., None], g, tok)
+
+    # -- forward ----------------------------------------------------------------
+
+    def forward(self, idx=None, targets=None, kv_cache=None, embeds=None, pos=None, sigma=None,
+                attn_mask=None, loss_reduction="mean", return_hidden=False):
+        """idx (B, T) token ids, or embeds (B, T, D) input embeddings (tokens and/or gists).
+        pos (B or 1, T): explicit positions; default 0..T-1 after whatever the cache holds.
+        sigma (B or 1, T): Gaussian spread per entry (None = 0 = plain RoPE).
+        targets (B, T) with -1 = ignore. Returns loss if targets given else logits (B, T, V)."""
+        x = self.embed(idx) if embeds is None else embeds
+        B, T, _ = x.shape
+        if pos is None:
+            t0 = kv_cache.pos if kv_cache is not None else 0
+            pos = torch.arange(t0, t0 + T, device=x.device)[None]
+        dtype = torch.bfloat16 if x.is_cuda else torch.float32
+        cos_sin = rotary_cos_sin(pos, self.head_dim, self.config.rope_base, sigma, dtype=dtype)
+        x = norm(x)
+        for block in self.transformer.h:
+            x = block(x, cos_sin, kv_cache, causal=True, attn_mask=attn_mask)
+        x = norm(x)
+        if return_hidden:
+            return x
+        return self.logits_and_loss(x, targets, loss_reduction)
+
+    def logits_and_loss(self, x, targets=None, loss_reduction="mean"):
+        logits = self.lm_head(x).float()
+        c = self.config.softcap
+        if c:
+            logits = c * torch.tanh(logits / c)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1, reduction=loss_reduction)

@@ -1,0 +1,252 @@
+"""
+Pretrain the base model. Runs plain or under torchrun (CPU: gloo, GPU: nccl):
+
+  python -m scripts.base_train --config cpu
+  torchrun --standalone --nproc_per_node=8 -m scripts.base_train --config d20
+
+One dial: --depth sets width (depth * aspect_ratio), heads (width / head_dim) and, through the
+parameter count, the number of steps (target_param_data_ratio tokens per parameter). Everything
+else is derived in the few lines of arithmetic below.
+"""
+import os
+import json
+import time
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, autocast_ctx, synchronize,
+                             peak_flops, main_guard, fail, atomic_write_json)
+from nanochat.configurator import parse_config
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.optim import build_optimizers
+from nanochat.tokenizer import get_tokenizer
+from nanochat.dataloader import DataLoader
+from nanochat.loss_eval import evaluate_bpb, get_token_bytes
+from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, restore_training_state
+from nanochat.engine import Engine
+
+
+@dataclass
+class TrainConfig:
+    run: str = "base"                 # run name: checkpoints in <base_dir>/runs/<run> unless out_dir set
+    out_dir: str = ""
+    tokenizer_dir: str = ""           # default <base_dir>/tokenizer
+    data: str = "fineweb"             # fineweb | bundled
+    device: str = ""                  # cuda | cpu | mps; empty = autodetect
+    seed: int = 1337
+    # model
+    depth: int = 20
+    aspect_ratio: int = 64            # width = depth * aspect_ratio
+    head_dim: int = 128
+    gqa_ratio: int = 1                # n_head / n_kv_head (1 = MHA)
+    max_seq_len: int = 2048
+    # batch and horizon
+    device_batch_size: int = 32
+    total_batch_size: int = 524288    # tokens per optimizer step, across ranks (grad accumulation fills the gap)
+    num_iterations: int = -1          # -1: derived from target_param_data_ratio
+    target_param_data_ratio: float = 20.0
+    # optimisation
+    matrix_lr: float = 0.02
+    embedding_lr: float = 0.2
+    unembedding_lr: float = 0.004
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_ratio: float = 0.0
+    warmdown_ratio: float = 0.2
+    final_lr_frac: float = 0.0
+    # eval / logging / saving
+    eval_every: int = 250
+    eval_tokens: int = 10 * 524288
+    log_every: int = 1
+    sample_every: int = -1            # -1: only at the end
+    save_every: int = -1              # -1: only at the end
+    resume: bool = False              # continue from <out_dir>/latest
+    compile: bool = True              # torch.compile on CUDA
+    wandb: str = ""                   # wandb project; empty = off
+
+
+def get_lr_multiplier(it, num_iterations, cfg):
+    warmup = round(cfg.warmup_ratio * num_iterations)
+    warmdown = round(cfg.warmdown_ratio * num_iterations)
+    if it < warmup:
+        return (it + 1) / warmup
+    if it <= num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - it) / max(1, warmdown)
+    return progress + (1 - progress) * cfg.final_lr_frac
+
+
+def get_muon_momentum(it):
+    frac = min(it / 300, 1)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def main():
+    cfg = parse_config(TrainConfig, section="base_train")
+    ddp, rank, local_rank, world_size, device = compute_init(cfg.device or None, cfg.seed)
+    master = rank == 0
+    autocast = autocast_ctx(device.type)
+    out_dir = cfg.out_dir or os.path.join(get_base_dir(), "runs", cfg.run)
+
+    # tokenizer + model ---------------------------------------------------------------------
+    tokenizer = get_tokenizer(cfg.tokenizer_dir or None)
+    vocab_size = tokenizer.get_vocab_size()
+    n_embd = cfg.depth * cfg.aspect_ratio
+    n_head = max(1, n_embd // cfg.head_dim)
+    if n_embd % n_head or n_head % cfg.gqa_ratio:
+        fail(f"depth {cfg.depth} x aspect {cfg.aspect_ratio} gives width {n_embd}, not divisible into "
+             f"{n_head} heads / gqa_ratio {cfg.gqa_ratio}")
+    model_config = GPTConfig(sequence_len=cfg.max_seq_len, vocab_size=vocab_size, n_layer=cfg.depth,
+                             n_head=n_head, n_kv_head=n_head // cfg.gqa_ratio, n_embd=n_embd)
+    with torch.device("meta"):
+        model = GPT(model_config)
+    model.to_empty(device=device)
+    model.init_weights()
+    num_params = model.num_params()
+    flops_per_token = model.estimate_flops(cfg.max_seq_len)
+    print0(f"model: depth {cfg.depth}, width {n_embd}, heads {n_head}/{n_head // cfg.gqa_ratio}, "
+           f"vocab {vocab_size}, params {num_params:,}, {flops_per_token:.3e} FLOPs/token")
+
+    # batch arithmetic ------------------------------------------------------------------------
+    tokens_per_fwdbwd = cfg.device_batch_size * cfg.max_seq_len * world_size
+    if cfg.total_batch_size % tokens_per_fwdbwd:
+        fail(f"total_batch_size {cfg.total_batch_size} must be a multiple of device_batch_size x max_seq_len "
+             f"x world_size = {tokens_per_fwdbwd}")
+    grad_accum = cfg.total_batch_size // tokens_per_fwdbwd
+    num_iterations = cfg.num_iterations
+    if num_iterations <= 0:
+        num_iterations = max(1, round(cfg.target_param_data_ratio * num_params / cfg.total_batch_size))
+    print0(f"batch: {cfg.total_batch_size:,} tokens/step = {cfg.device_batch_size} x {cfg.max_seq_len} x "
+           f"{world_size} ranks x {grad_accum} accum; {num_iterations} steps, "
+           f"{num_iterations * cfg.total_batch_size:,} tokens")
+
+    optimizers = build_optimizers(model, cfg.matrix_lr, cfg.embedding_lr, cfg.unembedding_lr,
+                                  weight_decay=cfg.weight_decay)
+    adamw, muon = optimizers
+
+    # resume ------------------------------------------------------------------------------------
+    start_step, loader_state, prev_meta = 0, None, {}
+    if cfg.resume:
+        ckpt = load_checkpoint(out_dir, device=device)
+        if ckpt["model_config"] != model_config.to_dict():
+            fail(f"cannot resume: the checkpoint in {out_dir} has a different model config")
+        model.load_state_dict(ckpt["model"])
+        loader_state = restore_training_state(ckpt, optimizers, rank)
+        start_step, prev_meta = ckpt["step"], ckpt.get("meta", {})
+        print0(f"resumed from step {start_step}")
+
+    orig_model = model
+    if device.type == "cuda" and cfg.compile:
+        model = torch.compile(model, dynamic=False)
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    train_loader = DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "train", source=cfg.data,
+                              device=device, rank=rank, world_size=world_size, state=loader_state)
+    token_bytes = get_token_bytes(tokenizer, device)
+    eval_steps = max(1, cfg.eval_tokens // tokens_per_fwdbwd)
+
+    wandb_run = None
+    if cfg.wandb and master:
+        try:
+            import wandb
+        except ImportError:
+            fail("--wandb given but wandb is not installed (pip install wandb)")
+        wandb_run = wandb.init(project=cfg.wandb, name=cfg.run, config=asdict(cfg))
+
+    def evaluate():
+        model.eval()
+        val_loader = DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "val", source=cfg.data,
+                                device=device, rank=rank, world_size=world_size)
+        bpb = evaluate_bpb(orig_model, val_loader, eval_steps, token_bytes, autocast)
+        model.train()
+        return bpb
+
+    def log(d):
+        if wandb_run is not None:
+            wandb_run.log(d)
+
+    # training loop -----------------------------------------------------------------------------
+    peak = peak_flops(device)
+    history = list(prev_meta.get("history", []))
+    smooth_loss, n_logged, total_time, val_bpb = 0.0, 0, 0.0, None
+    step = start_step
+    loader_iter = iter(train_loader)
+    x, y = next(loader_iter)
+    while True:
+        last = step == num_iterations
+        if cfg.eval_every > 0 and (last or step % cfg.eval_every == 0):
+            val_bpb = evaluate()
+            print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+            history.append({"step": step, "val_bpb": val_bpb})
+            log({"step": step, "val/bpb": val_bpb})
+        if master and (last or (cfg.sample_every > 0 and step > 0 and step % cfg.sample_every == 0)):
+            engine = Engine(orig_model, tokenizer, autocast)
+            for prompt in ["The capital of France is", "Once upon a time,"]:
+                ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+                out = engine.generate_batch(ids, max_tokens=24, temperature=0.0)[0]
+                print0(f"sample: {prompt!r} -> {tokenizer.decode(out)!r}")
+        if last or (cfg.save_every > 0 and step > start_step and step % cfg.save_every == 0):
+            meta = {"history": history, "val_bpb": val_bpb, "num_params": num_params}
+            save_checkpoint(out_dir, step, orig_model, optimizers, loader_state, asdict(cfg), meta)
+        if last:
+            break
+
+        synchronize(device.type)
+        t0 = time.time()
+        for micro in range(grad_accum):
+            sync = (micro == grad_accum - 1)
+            ctx = model.no_sync() if ddp and not sync else torch.enable_grad()
+            with ctx:
+                with autocast:
+                    loss = model(x, y)
+                train_loss = loss.detach()
+                (loss / grad_accum).backward()
+            x, y = next(loader_iter)
+        loader_state = train_loader.state_dict()  # the state *after* the batch already prefetched
+        grad_norm = torch.nn.utils.clip_grad_norm_(orig_model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        lrm = get_lr_multiplier(step, num_iterations, cfg)
+        for opt in optimizers:
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * lrm
+        for g in muon.param_groups:
+            g["momentum"] = get_muon_momentum(step)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        synchronize(device.type)
+        dt = time.time() - t0
+        step += 1
+        if step - start_step > 10:
+            total_time += dt  # skip the first steps (compile, warm-up)
+
+        if step % cfg.log_every == 0 or step == num_iterations:
+            lossf = train_loss.item()
+            smooth_loss, n_logged = 0.9 * smooth_loss + 0.1 * lossf, n_logged + 1
+            debiased = smooth_loss / (1 - 0.9 ** n_logged)
+            tok_s = cfg.total_batch_size / dt
+            mfu = 100 * flops_per_token * tok_s / (peak * world_size) if peak else float("nan")
+            done_steps = max(1, step - start_step - 10)
+            eta = (num_iterations - step) * (total_time / done_steps if total_time else dt)
+            gn = f" | gnorm {grad_norm.item():.3f}" if grad_norm is not None else ""
+            print0(f"step {step:05d}/{num_iterations} | loss {debiased:.4f}{gn} | lrm {lrm:.2f} | "
+                   f"dt {dt * 1000:.0f}ms | tok/s {tok_s:,.0f} | mfu {mfu:.1f}% | eta {eta / 60:.1f}m")
+            history.append({"step": step, "loss": lossf})
+            log({"step": step, "train/loss": lossf, "train/tok_per_s": tok_s, "train/mfu": mfu, "lrm": lrm})
+
+    if master:
+        summary = {"run": cfg.run, "steps": num_iterations, "val_bpb": val_bpb, "num_params": num_params,
+                   "train_time_s": total_time, "world_size": world_size, "device": device.type}
+        atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
+        print0(json.dumps(summary))
+    if wandb_run is not None:
+        wandb_run.finish()
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    main_guard(main)
