@@ -389,9 +389,15 @@ class GPT(nn.Module):
         (the level embedding is added there). LOD0 entries are exactly the plain token
         embeddings, so an all-LOD0 window is the plain model."""
         tok = self.embed(token_ids.clamp(min=0))
+        x = torch.where((levels > 0)[..., None], gists.to(tok.dtype), tok)
+        return self.add_level_embedding(x, levels)
+
+    def add_level_embedding(self, x, levels):
+        """x (B, E, D) raw entry vectors (token embedding or gist); adds the level embedding to
+        gist entries (level >= 1). Training (gathered tables) and inference (tree reads) both
+        go through here, so they feed the model identically."""
         lvl = levels.clamp(min=0)
-        g = gists.to(tok.dtype) + self.lod_emb(lvl).to(tok.dtype)
-        return torch.where((levels > 0)[..., None], g, tok)
+        return torch.where((levels > 0)[..., None], x + self.lod_emb(lvl).to(x.dtype), x)
 
     # -- forward ----------------------------------------------------------------
 

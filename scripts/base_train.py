@@ -14,6 +14,7 @@ import time
 import math
 from dataclasses import dataclass, asdict
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -28,6 +29,40 @@ from nanochat.dataloader import DataLoader
 from nanochat.loss_eval import evaluate_bpb, get_token_bytes
 from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, restore_training_state
 from nanochat.engine import Engine
+from megacontext.mctrain import MCStep, make_plan
+from megacontext import tasks
+
+
+class MCBatcher:
+    """Turns a (B, T) CPU batch of long contexts into the MC step's inputs: mixes in synthetic
+    tasks (answer at the end: the cut point N is the answer start), samples working contexts on
+    the CPU and ships index arrays to the device. Text rows are cut at N = T - H."""
+
+    def __init__(self, tokenizer, cfg, rank, device):
+        self.tok, self.cfg, self.device = tokenizer, cfg, device
+        self.rng = np.random.default_rng(cfg.seed + 1000 * rank)
+        self.gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)
+
+    def __call__(self, x):
+        cfg, rng = self.cfg, self.rng
+        ids = x.numpy().copy()
+        B, T = ids.shape
+        N = np.full(B, T - cfg.mc_H, np.int64)
+        needle = np.full(B, -1, np.int64)
+        weights = np.ones((B, T), np.float32)
+        filler = tasks.make_text_filler(ids.reshape(-1).copy())
+        for b in range(B):
+            if rng.random() < cfg.mc_task_rate:
+                ex = tasks.random_train_example(rng, T, filler, self.tok.encode)
+                ids[b] = ex["ids"]
+                N[b] = ex["answer_start"]
+                needle[b] = ex["target_pos"][0]
+                weights[b, ex["answer_start"]:] = cfg.mc_answer_weight
+        plan = make_plan(N, T, cfg.mc_block_size, cfg.mc_W, cfg.mc_H, cfg.mc_max_level, cfg.mc_random_wcs, rng, needle)
+        dev = self.device
+        plan = {k: torch.from_numpy(v).to(dev, non_blocking=True) for k, v in plan.items()}
+        return (torch.from_numpy(ids).to(dev), torch.from_numpy(N).to(dev), plan,
+                torch.from_numpy(weights).to(dev), None, self.gen)
 
 
 @dataclass
@@ -67,6 +102,21 @@ class TrainConfig:
     resume: bool = False              # continue from <out_dir>/latest
     compile: bool = True              # torch.compile on CUDA
     wandb: str = ""                   # wandb project; empty = off
+    # MegaContext end-to-end training (DESIGN §8); off = the plain nanochat path
+    megacontext: bool = False
+    mc_context_len: int = 8192        # tokens per long training context (a multiple of K**max_level and max_seq_len)
+    mc_W: int = 512                   # working-context budget (entries)
+    mc_H: int = 64                    # horizon: tokens scored after each working context
+    mc_block_size: int = 32           # K
+    mc_max_level: int = 2
+    mc_pos_scheme: str = "entry"      # entry | gaussian
+    mc_random_wcs: int = 2            # random LOD mixtures per context (besides pure recency)
+    mc_probes: int = 4                # counterfactual expansions per context for LensNet
+    mc_lambda: float = 0.01           # edit cost (nats) in LensNet's regularised argmin
+    mc_weight: float = 1.0            # weight of the working-context horizon loss
+    lens_weight: float = 1.0          # weight of the LensNet loss
+    mc_task_rate: float = 0.5         # fraction of contexts replaced by synthetic long-context tasks
+    mc_answer_weight: float = 4.0     # loss weight of task answer tokens
 
 
 def get_lr_multiplier(it, num_iterations, cfg):
@@ -101,7 +151,16 @@ def main():
         fail(f"depth {cfg.depth} x aspect {cfg.aspect_ratio} gives width {n_embd}, not divisible into "
              f"{n_head} heads / gqa_ratio {cfg.gqa_ratio}")
     model_config = GPTConfig(sequence_len=cfg.max_seq_len, vocab_size=vocab_size, n_layer=cfg.depth,
-                             n_head=n_head, n_kv_head=n_head // cfg.gqa_ratio, n_embd=n_embd)
+                             n_head=n_head, n_kv_head=n_head // cfg.gqa_ratio, n_embd=n_embd,
+                             megacontext=cfg.megacontext, mc_block_size=cfg.mc_block_size,
+                             mc_max_level=cfg.mc_max_level, pos_scheme=cfg.mc_pos_scheme)
+    if cfg.megacontext:
+        K, L = cfg.mc_block_size, cfg.mc_max_level
+        if cfg.mc_context_len % (K ** L) or cfg.mc_context_len % cfg.max_seq_len:
+            fail(f"mc_context_len {cfg.mc_context_len} must be a multiple of K**max_level = {K ** L} "
+                 f"and of max_seq_len = {cfg.max_seq_len}")
+        if cfg.mc_W + cfg.mc_H > 4 * cfg.max_seq_len or cfg.mc_W < 2 * K:
+            fail(f"mc_W {cfg.mc_W} must be in [2K, 4*max_seq_len - H]")
     with torch.device("meta"):
         model = GPT(model_config)
     model.to_empty(device=device)
@@ -112,15 +171,16 @@ def main():
            f"vocab {vocab_size}, params {num_params:,}, {flops_per_token:.3e} FLOPs/token")
 
     # batch arithmetic ------------------------------------------------------------------------
-    tokens_per_fwdbwd = cfg.device_batch_size * cfg.max_seq_len * world_size
+    seq_per_row = cfg.mc_context_len if cfg.megacontext else cfg.max_seq_len
+    tokens_per_fwdbwd = cfg.device_batch_size * seq_per_row * world_size
     if cfg.total_batch_size % tokens_per_fwdbwd:
-        fail(f"total_batch_size {cfg.total_batch_size} must be a multiple of device_batch_size x max_seq_len "
-             f"x world_size = {tokens_per_fwdbwd}")
+        fail(f"total_batch_size {cfg.total_batch_size} must be a multiple of device_batch_size x "
+             f"{'mc_context_len' if cfg.megacontext else 'max_seq_len'} x world_size = {tokens_per_fwdbwd}")
     grad_accum = cfg.total_batch_size // tokens_per_fwdbwd
     num_iterations = cfg.num_iterations
     if num_iterations <= 0:
         num_iterations = max(1, round(cfg.target_param_data_ratio * num_params / cfg.total_batch_size))
-    print0(f"batch: {cfg.total_batch_size:,} tokens/step = {cfg.device_batch_size} x {cfg.max_seq_len} x "
+    print0(f"batch: {cfg.total_batch_size:,} tokens/step = {cfg.device_batch_size} x {seq_per_row} x "
            f"{world_size} ranks x {grad_accum} accum; {num_iterations} steps, "
            f"{num_iterations * cfg.total_batch_size:,} tokens")
 
@@ -140,13 +200,24 @@ def main():
         print0(f"resumed from step {start_step}")
 
     orig_model = model
-    if device.type == "cuda" and cfg.compile:
+    if cfg.megacontext:
+        # the whole MC step is one module so that DDP syncs GistNet/LensNet with the rest; the
+        # compiled pieces are the forwards, so state_dict keys stay plain
+        if device.type == "cuda" and cfg.compile:
+            orig_model.forward = torch.compile(orig_model.forward, dynamic=False)
+            orig_model.gistnet.forward = torch.compile(orig_model.gistnet.forward, dynamic=False)
+            orig_model.lensnet.forward = torch.compile(orig_model.lensnet.forward, dynamic=False)
+        model = MCStep(orig_model, cfg.mc_W, cfg.mc_H, cfg.mc_random_wcs, cfg.mc_probes, cfg.mc_lambda,
+                       cfg.mc_weight, cfg.lens_weight)
+        batcher = MCBatcher(tokenizer, cfg, rank, device)
+    elif device.type == "cuda" and cfg.compile:
         model = torch.compile(model, dynamic=False)
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
-    train_loader = DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "train", source=cfg.data,
-                              device=device, rank=rank, world_size=world_size, state=loader_state)
+    train_loader = DataLoader(tokenizer, cfg.device_batch_size, seq_per_row, "train", source=cfg.data,
+                              device="cpu" if cfg.megacontext else device, rank=rank, world_size=world_size,
+                              state=loader_state)
     token_bytes = get_token_bytes(tokenizer, device)
     eval_steps = max(1, cfg.eval_tokens // tokens_per_fwdbwd)
 
@@ -203,11 +274,14 @@ def main():
             ctx = model.no_sync() if ddp and not sync else torch.enable_grad()
             with ctx:
                 with autocast:
-                    loss = model(x, y)
+                    if cfg.megacontext:
+                        loss, mc_metrics = model(*batcher(x))
+                    else:
+                        loss = model(x, y)
                 train_loss = loss.detach()
                 (loss / grad_accum).backward()
+            loader_state = train_loader.state_dict()  # where the prefetched batch starts: a resume re-reads it
             x, y = next(loader_iter)
-        loader_state = train_loader.state_dict()  # the state *after* the batch already prefetched
         grad_norm = torch.nn.utils.clip_grad_norm_(orig_model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         lrm = get_lr_multiplier(step, num_iterations, cfg)
         for opt in optimizers:
@@ -235,8 +309,13 @@ def main():
             gn = f" | gnorm {grad_norm.item():.3f}" if grad_norm is not None else ""
             print0(f"step {step:05d}/{num_iterations} | loss {debiased:.4f}{gn} | lrm {lrm:.2f} | "
                    f"dt {dt * 1000:.0f}ms | tok/s {tok_s:,.0f} | mfu {mfu:.1f}% | eta {eta / 60:.1f}m")
-            history.append({"step": step, "loss": lossf})
-            log({"step": step, "train/loss": lossf, "train/tok_per_s": tok_s, "train/mfu": mfu, "lrm": lrm})
+            rec = {"step": step, "loss": lossf}
+            if cfg.megacontext:
+                rec.update({k: round(v.item(), 4) for k, v in mc_metrics.items()})
+                print0("    " + " | ".join(f"{k} {v:.4f}" for k, v in rec.items() if k not in ("step", "loss")))
+            history.append(rec)
+            log({"step": step, "train/loss": lossf, "train/tok_per_s": tok_s, "train/mfu": mfu, "lrm": lrm,
+                 **{f"mc/{k}": v for k, v in rec.items() if k not in ("step", "loss")}})
 
     if master:
         summary = {"run": cfg.run, "steps": num_iterations, "val_bpb": val_bpb, "num_params": num_params,

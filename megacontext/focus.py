@@ -1,0 +1,182 @@
+"""
+Focus: deciding which spans of the working context are at which LOD.
+
+- `FocusAllocator.refocus` turns LensNet's signed per-entry scores (> 0 wants more detail,
+  < 0 less) into at most `n_diff` edits. Greedy, on a plan made against the current state:
+  the most wanted edit goes first (the best expansion if its score beats the worst group's
+  -score, else that group's collapse). An expansion that does not fit is paid for by collapsing
+  the lowest-scoring group, but only if that group scores below the expansion (a trade that
+  loses detail where it is wanted less). All chosen edits are disjoint, so they go through one
+  `WorkingContext.apply` rebuild: the candidate selection is numpy (argpartition over W
+  entries), only the <= n_diff chosen edits touch Python.
+- Hysteresis: the allocator remembers the parent node (level, index) of each edit and when it
+  made it; for `hysteresis` refocus steps it will not collapse what it expanded, nor expand
+  what it collapsed. This stops flip-flopping when scores hover near the threshold.
+- `sample_working_contexts`: training-time windows. The first is always `recency()` (the
+  default policy at inference); the others start from `coarsest()` and expand random entries in
+  a few batched rounds (uniform, clustered around random points, biased to recent or old
+  history; favouring coarse or fine entries) until no further expansion fits. All are validated, all really compress.
+- `pack_working_contexts`: pads a list of windows into (n, W) arrays for batched gathers.
+"""
+import time
+
+import numpy as np
+
+from megacontext.working_context import WorkingContext
+
+_LEVEL_BITS = 6   # node key = index << 6 | level: one int per span
+
+
+def _keys(levels, indices):
+    return (np.asarray(indices, np.int64) << _LEVEL_BITS) | np.asarray(levels, np.int64)
+
+
+class FocusAllocator:
+
+    def __init__(self, n_diff=4, hysteresis=2, threshold=0.0):
+        self.n_diff, self.hysteresis, self.threshold = int(n_diff), int(hysteresis), float(threshold)
+        self.calls = 0
+        self._expanded = {}    # parent key -> step it was expanded at (do not collapse it back)
+        self._collapsed = {}   # parent key -> step it was collapsed into (do not expand it back)
+
+    def _recent(self, table, step):
+        for k in [k for k, s in table.items() if step - s > self.hysteresis]:
+            del table[k]
+        return set(table)
+
+    def refocus(self, wc, scores, step=None):
+        """Edit `wc` in place toward the scores. `step` is the hysteresis clock (default: the
+        number of refocus calls so far); an edit made at step s is not reversed while
+        step - s <= hysteresis. Returns telemetry."""
+        t0 = time.perf_counter()
+        step = self.calls if step is None else int(step)
+        self.calls += 1
+        K, thr, n = wc.K, self.threshold, len(wc)
+        scores = np.asarray(scores, dtype=np.float64)
+        if scores.shape != (n,):
+            raise ValueError(f"scores must have shape ({n},), got {scores.shape}")
+        lv, ix = wc.levels, wc.indices
+        blocked_expand = self._recent(self._collapsed, step)
+        blocked_collapse = self._recent(self._expanded, step)
+
+        # expansion candidates: LOD>=1, score > threshold, not just collapsed; best first.
+        # A collapse group can shadow at most K candidates, so n_diff*(K+1) of them are enough.
+        # Blocked ones are filtered after the partition (cheaper), so keep that many extra.
+        cand = np.flatnonzero((lv >= 1) & (scores > thr))
+        m = min(len(cand), self.n_diff * (K + 1) + len(blocked_expand))
+        if m < len(cand):
+            cand = cand[np.argpartition(-scores[cand], m - 1)[:m]]
+        if len(blocked_expand) and len(cand):
+            cand = cand[[k not in blocked_expand for k in _keys(lv[cand], ix[cand]).tolist()]]
+        cand = cand[np.argsort(-scores[cand], kind="stable")]
+
+        # collapse candidates: legal groups scored by their mean, not just expanded; worst first
+        groups = wc.collapse_groups()
+        cs = np.concatenate([[0.0], np.cumsum(scores)])
+        gscore = (cs[groups + K] - cs[groups]) / K
+        m = min(len(groups), 2 * self.n_diff + 1 + len(blocked_collapse))   # a planned expand shadows <= 1 group
+        if m < len(groups):
+            sel = np.argpartition(gscore, m - 1)[:m]
+            groups, gscore = groups[sel], gscore[sel]
+        if len(blocked_collapse) and len(groups):
+            keep = [k not in blocked_collapse for k in _keys(lv[groups] + 1, ix[groups] // K).tolist()]
+            groups, gscore = groups[keep], gscore[keep]
+        order = np.argsort(gscore, kind="stable")
+        groups, gscore = groups[order].tolist(), gscore[order].tolist()
+        cand, cscore = cand.tolist(), scores[cand].tolist()
+
+        expands, collapses = [], []
+        free = wc.W - n
+
+        def free_group(j, *also):   # first group from j that is unused and holds no planned expand
+            while j < len(groups):
+                g = groups[j]
+                if g not in collapses and not any(g <= e < g + K for e in (*expands, *also)):
+                    return j
+                j += 1
+            return j
+
+        ei = gi = 0
+        while len(expands) + len(collapses) < self.n_diff:
+            while ei < len(cand) and any(g <= cand[ei] < g + K for g in collapses):
+                ei += 1
+            gi = free_group(gi)
+            se = cscore[ei] if ei < len(cand) else None
+            sg = gscore[gi] if gi < len(groups) else None
+            want_collapse = sg is not None and sg < -thr
+            if se is not None and (not want_collapse or se >= -sg):
+                if free >= K - 1:
+                    expands.append(cand[ei]); ei += 1; free -= K - 1
+                    continue
+                pj = free_group(gi, cand[ei])           # the cheapest group that can pay
+                if pj < len(groups) and gscore[pj] < se and len(expands) + len(collapses) + 2 <= self.n_diff:
+                    collapses.append(groups[pj]); expands.append(cand[ei]); ei += 1
+                else:
+                    ei = len(cand)   # unaffordable; weaker expansions are too. Collapses may remain.
+            elif want_collapse:
+                collapses.append(groups[gi]); free += K - 1
+            else:
+                break
+
+        exp_keys = _keys(lv[expands], ix[expands]).tolist() if expands else []
+        col_keys = _keys(lv[collapses] + 1, ix[collapses] // K).tolist() if collapses else []
+        first = wc.apply(expand=expands, collapse=collapses)
+        for k in exp_keys:
+            self._expanded[k] = step
+        for k in col_keys:
+            self._collapsed[k] = step
+        return {"expanded": len(expands), "collapsed": len(collapses), "first_changed": first,
+                "len": len(wc), "step": step, "ms": (time.perf_counter() - t0) * 1e3}
+
+
+def sample_working_contexts(N, K, W, max_level, n, rng, tail=None):
+    """n valid windows over [0, N): recency() first, then diverse random LOD mixtures that fill
+    the budget. Deterministic for a given np.random.Generator state."""
+    out = [WorkingContext.recency(N, K, W, max_level, tail)]
+    modes = ["uniform", "clustered", "recent", "old"]
+    for s in range(1, n):
+        wc = WorkingContext.coarsest(N, K, W, max_level, tail)
+        mode = modes[(s - 1) % len(modes)] if rng.random() < 0.75 else modes[int(rng.integers(len(modes)))]
+        centres = rng.uniform(0, N, size=int(rng.integers(1, 4)))
+        scale = N * rng.uniform(0.005, 0.2)
+        power = rng.uniform(1.0, 4.0)
+        depth = rng.uniform(-2.0, 2.0)   # > 0 favours opening coarse entries (breadth), < 0 depth
+        while True:
+            room = (W - len(wc)) // (K - 1)
+            cand = np.flatnonzero(wc.levels >= 1)
+            if room == 0 or len(cand) == 0:
+                break
+            mid = (wc.starts[cand] + wc.widths[cand] / 2) / max(N, 1)
+            if mode == "uniform":
+                w = np.ones(len(cand))
+            elif mode == "clustered":
+                w = np.exp(-np.abs(mid[:, None] * N - centres[None, :]) / scale).sum(1) + 1e-6
+            elif mode == "recent":
+                w = mid**power + 1e-6
+            else:
+                w = (1 - mid) ** power + 1e-6
+            w = w * wc.levels[cand].astype(np.float64) ** depth
+            # a random share of the remaining room per round: later rounds can refine children
+            k = min(len(cand), max(1, int(room * rng.uniform(0.3, 1.0))))
+            pick = rng.choice(cand, size=k, replace=False, p=w / w.sum())
+            wc.apply(expand=pick)
+        wc.validate()
+        out.append(wc)
+    return out
+
+
+def pack_working_contexts(wcs, W):
+    """(n, W) arrays for batched gathers: levels (pad -1), indices/starts/widths (pad 0), lengths."""
+    lengths = np.array([len(w) for w in wcs], dtype=np.int64)
+    if len(wcs) and lengths.max() > W:
+        raise ValueError(f"a working context has {lengths.max()} entries > W={W}")
+    mask = np.arange(W)[None, :] < lengths[:, None]
+    out = {"levels": np.full((len(wcs), W), -1, np.int64), "lengths": lengths}
+    for name in ("indices", "starts", "widths"):
+        out[name] = np.zeros((len(wcs), W), np.int64)
+    if len(wcs):
+        out["levels"][mask] = np.concatenate([w.levels for w in wcs])
+        out["indices"][mask] = np.concatenate([w.indices for w in wcs])
+        out["starts"][mask] = np.concatenate([w.starts for w in wcs])
+        out["widths"][mask] = np.concatenate([w.widths for w in wcs])
+    return out

@@ -1,0 +1,238 @@
+"""
+End-to-end MegaContext training step (DESIGN §8), batched: no per-entry Python, no host syncs.
+
+For a batch of B long contexts (B, T) and a cut point N_b per sample (the answer start for a
+synthetic task row, else T - H):
+
+1. Tree with gradients: token embeddings -> GistNet -> LOD1 -> GistNet -> LOD2 ... ONE GistNet
+   call per level for the whole batch. Levels are concatenated into one table per sample, so a
+   working-context entry (level, index) is a row of that table: `offset[level] + index`.
+2. Working contexts, sampled on the CPU (numpy, in `make_plan`): pure recency + diverse random
+   mixtures of budget W, and a probe base of budget W - (K-1). On the GPU, LensNet scores the
+   base; its top entry, an oracle entry (the one holding the needle, for task rows) and random
+   entries are expanded (pure index arithmetic, `expand_rows`) to make counterfactual rows.
+3. One packed forward over every row: [entries ... | horizon tokens N .. N+H-2], right-padded so
+   causal attention never sees padding (no mask needed: the fast causal kernel runs). Loss = the
+   next-H-token NLL (targets are the true tokens N .. N+H-1 that follow the window).
+4. LensNet learns from the counterfactual rows: for each sample, the regularised argmin over
+   {no edit, expand p_1, ..., expand p_m} of horizon NLL + lambda * edits is the target class
+   of a softmax over [0, s_p1, ..., s_pm] (score 0 = no edit): a positive score means "expanding
+   this beats leaving it".
+5. Plus the ordinary full-detail LM loss over the same tokens (keeps the base model strong).
+
+`MCStep` is an nn.Module so that DistributedDataParallel can wrap the whole step and sync
+GistNet/LensNet gradients with the rest.
+"""
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megacontext.working_context import WorkingContext
+from megacontext.focus import sample_working_contexts, pack_working_contexts
+from nanochat.gpt import lens_features
+
+
+def level_offsets(T, K, max_level):
+    """Row offset of each level inside a sample's node table [LOD0 | LOD1 | LOD2 ...]."""
+    offs, o = [], 0
+    for l in range(max_level + 1):
+        offs.append(o)
+        o += T // K**l
+    return offs, o
+
+
+def make_plan(N, T, K, W, H, max_level, n_random, rng, needle_pos=None, tail=None):
+    """CPU side of one step. N: (B,) cut points. Returns numpy arrays:
+    rows_*: (B*(1+n_random), W) sampled windows (recency first per sample); base_*: (B, W-K+1)
+    probe bases; oracle: (B,) entry index in the base covering the needle (-1 if none)."""
+    B = len(N)
+    rows, bases, oracle = [], [], np.full(B, -1, np.int64)
+    for b in range(B):
+        rows += sample_working_contexts(int(N[b]), K, W, max_level, 1 + n_random, rng, tail)
+        Wb = W - (K - 1)
+        if rng.random() < 0.5:
+            base = WorkingContext.recency(int(N[b]), K, Wb, max_level, tail)
+        else:
+            base = sample_working_contexts(int(N[b]), K, Wb, max_level, 2, rng, tail)[1]
+        bases.append(base)
+        if needle_pos is not None and needle_pos[b] >= 0:
+            j = np.searchsorted(base.starts, needle_pos[b], side="right") - 1
+            if base.levels[j] >= 1:
+                oracle[b] = j
+    r = pack_working_contexts(rows, W)
+    bw = pack_working_contexts(bases, W - (K - 1))
+    return {"row_levels": r["levels"], "row_indices": r["indices"], "row_lengths": r["lengths"],
+            "base_levels": bw["levels"], "base_indices": bw["indices"], "base_lengths": bw["lengths"],
+            "oracle": oracle}
+
+
+def expand_rows(levels, indices, lengths, e, K):
+    """Expand entry e[r] of each row r (must be LOD>=1) into its K children, on-device.
+    levels/indices (R, L) with padding level -1; returns (R, L+K-1) arrays and new lengths."""
+    R, L = levels.shape
+    p = torch.arange(L + K - 1, device=levels.device)[None]
+    e = e[:, None]
+    inside = (p >= e) & (p < e + K)
+    src = torch.where(p < e, p, torch.where(inside, e, p - (K - 1))).clamp(max=L - 1)
+    lv, ix = levels.gather(1, src), indices.gather(1, src)
+    lv = torch.where(inside, lv - 1, lv)
+    ix = torch.where(inside, ix * K + (p - e), ix)
+    new_len = lengths + K - 1
+    pad = p >= new_len[:, None]
+    return lv.masked_fill(pad, -1), ix.masked_fill(pad, 0), new_len
+
+
+def rows_to_inputs(levels, indices, lengths, sample, N, ids, H, K, offs, T_tab, scheme, weights=None):
+    """Index arithmetic for the packed forward. Each row: [entries (len) | tokens N..N+H-2 | pad].
+    Returns src (R, S) rows of the flattened node table, lvl (R, S) (-1 pad), pos/sigma (R, S),
+    targets (R, S) (-1 ignore), tw (R, S) target weights. S = L + H - 1."""
+    R, L = levels.shape
+    S = L + H - 1
+    dev = levels.device
+    p = torch.arange(S, device=dev)[None]
+    ln = lengths[:, None]
+    n = N[sample][:, None]
+    is_ent = p < ln
+    is_hor = (p >= ln) & (p < ln + H - 1)
+    pc = p.clamp(max=L - 1).expand(R, -1)
+    lv_e, ix_e = levels.gather(1, pc), indices.gather(1, pc)
+    lv_e = lv_e.clamp(min=0)
+    off = torch.tensor(offs, device=dev)[lv_e]
+    hor_tok = n + (p - ln)                                   # token index of a horizon input
+    base = sample[:, None] * T_tab
+    src = base + torch.where(is_ent, off + ix_e, torch.where(is_hor, hor_tok, 0))
+    lvl = torch.where(is_ent, lv_e, torch.where(is_hor, 0, -1))
+    # targets: position ln-1+j predicts token N+j, j in [0, H)
+    j = p - (ln - 1)
+    tgt_tok = n + j
+    T = ids.size(1)
+    has_tgt = (j >= 0) & (j < H) & (tgt_tok < T)
+    tgt_idx = tgt_tok.clamp(max=T - 1)
+    targets = torch.where(has_tgt, ids[sample[:, None].expand(R, S), tgt_idx], -1)
+    tw = torch.where(has_tgt, weights[sample[:, None].expand(R, S), tgt_idx] if weights is not None else 1.0, 0.0)
+    if scheme == "entry":
+        pos, sigma = p.expand(R, -1).float(), None
+    else:
+        width = torch.tensor([K**l for l in range(len(offs))], device=dev)[lv_e].float()
+        start = ix_e.float() * width
+        centre = start + (width - 1) / 2
+        pos = torch.where(is_ent, centre, hor_tok.float())
+        sigma = torch.where(is_ent, torch.sqrt((width * width - 1) / 12), 0.0)
+    return src, lvl, pos, sigma, targets, tw
+
+
+def row_nll(logits_loss, targets, tw):
+    """Per-row weighted mean NLL from per-position losses (R, S)."""
+    w = tw * (targets >= 0)
+    return (logits_loss * w).sum(1) / w.sum(1).clamp(min=1e-6)
+
+
+class MCStep(nn.Module):
+    """The whole MegaContext training step as one module (so DDP can wrap it)."""
+
+    def __init__(self, model, W, H, n_random=2, n_probe=4, lam=0.01, mc_weight=1.0, lens_weight=1.0,
+                 plain_weight=1.0, lens_tail=32):
+        super().__init__()
+        self.model = model
+        c = model.config
+        self.K, self.L, self.scheme = c.mc_block_size, c.mc_max_level, c.pos_scheme
+        self.W, self.H, self.n_random, self.n_probe = W, H, n_random, n_probe
+        self.lam, self.mc_weight, self.lens_weight, self.plain_weight = lam, mc_weight, lens_weight, plain_weight
+        self.lens_tail = lens_tail
+
+    def build_table(self, ids):
+        """(B, T) ids -> flattened node table (B*T_tab, D): tokens then gists of every level."""
+        m, K = self.model, self.K
+        B, T = ids.shape
+        levels = [m.embed(ids)]
+        for l in range(1, self.L + 1):
+            prev = levels[-1]
+            n = prev.size(1) // K
+            g = m.gistnet(prev[:, :n * K].reshape(B * n, K, -1), l).view(B, n, -1)
+            levels.append(g)
+        table = torch.cat([x.to(levels[0].dtype) for x in levels], dim=1)
+        return table.reshape(B * table.size(1), -1), table.size(1)
+
+    def forward(self, ids, N, plan, weights=None, plain_ids=None, rng_probe=None):
+        m, K, H = self.model, self.K, self.H
+        B, T = ids.shape
+        dev = ids.device
+        offs, T_tab = level_offsets(T, K, self.L)
+        table, T_tab = self.build_table(ids)
+        metrics = {}
+
+        # 1) full-detail LM loss over the same tokens, in model-length chunks
+        seq = m.config.sequence_len
+        x = ids[:, : (T // seq) * seq].reshape(-1, seq) if plain_ids is None else plain_ids
+        plain = m(x[:, :-1], x[:, 1:])
+        metrics["loss_plain"] = plain.detach()
+
+        # 2) LensNet on the probe bases, then counterfactual probe rows (all on device)
+        bl, bi, blen = plan["base_levels"], plan["base_indices"], plan["base_lengths"]
+        Wb = bl.size(1)
+        valid = bl >= 0
+        lv0 = bl.clamp(min=0)
+        bsrc = torch.arange(B, device=dev)[:, None] * T_tab + torch.tensor(offs, device=dev)[lv0] + bi
+        base_emb = m.add_level_embedding(table[bsrc], bl).detach()
+        starts = bi * (K ** lv0)
+        feats = lens_features(starts, (K ** lv0), N[:, None])
+        tail_idx = (N[:, None] - self.lens_tail + torch.arange(self.lens_tail, device=dev)[None]).clamp(min=0)
+        tail_emb = table[torch.arange(B, device=dev)[:, None] * T_tab + tail_idx].detach()
+        scores = m.lensnet(base_emb, bl, feats, tail_emb, valid)               # (B, Wb)
+        legal = bl >= 1
+        pick_top = scores.detach().masked_fill(~legal, float("-inf")).argmax(1)
+        # random legal entries (Gumbel-max over a uniform distribution on legal entries)
+        gum = torch.rand(B, Wb, self.n_probe - 1, device=dev, generator=rng_probe)
+        rand_pick = gum.masked_fill(~legal[..., None], -1.0).argmax(1)        # (B, n_probe-1)
+        oracle = plan["oracle"]
+        rand_pick[:, 0] = torch.where(oracle >= 0, oracle, rand_pick[:, 0])
+        probes = torch.cat([pick_top[:, None], rand_pick], 1)                   # (B, P)
+        P = probes.size(1)
+        pl, pi, plen = expand_rows(bl.repeat_interleave(P, 0), bi.repeat_interleave(P, 0),
+                                   blen.repeat_interleave(P, 0), probes.reshape(-1), K)
+
+        # 3) one packed forward over sampled rows + base + probes
+        Wr = self.W
+        def pad_to(lv, ix, width):
+            if lv.size(1) < width:
+                padn = width - lv.size(1)
+                lv = F.pad(lv, (0, padn), value=-1)
+                ix = F.pad(ix, (0, padn), value=0)
+            return lv, ix
+        rl, ri = plan["row_levels"], plan["row_indices"]
+        bl2, bi2 = pad_to(bl, bi, Wr)
+        levels = torch.cat([rl, bl2, pl], 0)
+        indices = torch.cat([ri, bi2, pi], 0)
+        lengths = torch.cat([plan["row_lengths"], blen, plen], 0)
+        nr = rl.size(0) // B
+        sample = torch.cat([torch.arange(B, device=dev).repeat_interleave(nr), torch.arange(B, device=dev),
+                            torch.arange(B, device=dev).repeat_interleave(P)])
+        src, lvl, pos, sigma, targets, tw = rows_to_inputs(levels, indices, lengths, sample, N, ids, H, K, offs,
+                                                           T_tab, self.scheme, weights)
+        x = m.add_level_embedding(table[src], lvl)
+        loss_pos = m(embeds=x, targets=targets, pos=pos, sigma=sigma, loss_reduction="none").view(src.shape)
+        nll = row_nll(loss_pos, targets, tw)                                    # (R,)
+        mc_loss = nll.mean()
+        metrics["loss_mc"] = mc_loss.detach()
+        metrics["loss_recency"] = nll[: B * nr].view(B, nr)[:, 0].mean().detach()
+
+        # 4) LensNet target: regularised argmin over {no edit, probes}
+        with torch.no_grad():
+            l_base = nll[B * nr: B * nr + B]
+            l_probe = nll[B * nr + B:].view(B, P)
+            cost = torch.cat([l_base[:, None], l_probe + self.lam], 1)
+            target = cost.argmin(1)
+            dnll = l_probe - l_base[:, None]                                    # < 0: expanding helps
+            plev = bl.gather(1, probes)                                         # level of expanded entry
+            for l in range(1, self.L + 1):
+                sel = (plev == l).float()
+                metrics[f"dnll_expand_lod{l}"] = (dnll * sel).sum() / sel.sum().clamp(min=1)
+            metrics["swap_rate"] = (target > 0).float().mean()
+            metrics["lens_top1_gain"] = -dnll[:, 0].mean()
+        lens_logits = torch.cat([torch.zeros(B, 1, device=dev), scores.gather(1, probes)], 1)
+        lens_loss = F.cross_entropy(lens_logits, target)
+        metrics["loss_lens"] = lens_loss.detach()
+
+        total = self.plain_weight * plain + self.mc_weight * mc_loss + self.lens_weight * lens_loss
+        return total, metrics

@@ -1,0 +1,192 @@
+"""
+Focus allocator and training-time sampler: legality, budget, n_diff, hysteresis, that the
+greedy choice is the obvious one, and that sampled windows are valid, diverse and compress.
+"""
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st, HealthCheck
+
+from megacontext.focus import FocusAllocator, pack_working_contexts, sample_working_contexts
+from megacontext.working_context import WorkingContext
+
+SETTINGS = dict(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def children_present(wc, level, index):
+    K = wc.K
+    return bool(((wc.levels == level - 1) & (wc.indices // K == index)).sum() == K)
+
+
+@settings(**SETTINGS)
+@given(st.sampled_from([(4, 40, 2), (4, 30, 3), (8, 64, 2), (3, 20, 2)]), st.integers(0, 10_000),
+       st.integers(1, 6), st.integers(0, 3), st.floats(0, 0.5))
+def test_refocus_keeps_invariants(params, seed, n_diff, hysteresis, thr):
+    K, W, L = params
+    rng = np.random.default_rng(seed)
+    N = int(rng.integers(0, W * K**L // 4))
+    wcs = sample_working_contexts(N, K, W, L, 3, rng)
+    fa = FocusAllocator(n_diff=n_diff, hysteresis=hysteresis, threshold=thr)
+    wc = wcs[int(rng.integers(3))]
+    history = []   # (step, kind, level, index) of every edit the allocator made
+    for step in range(8):
+        before = wc.copy()
+        scores = rng.normal(size=len(wc)) * rng.choice([0.1, 1.0, 10.0])
+        tel = fa.refocus(wc, scores)
+        wc.validate()
+        assert wc.num_tokens == N and len(wc) <= W
+        assert tel["expanded"] + tel["collapsed"] <= n_diff
+        assert len(wc) == len(before) + (K - 1) * (tel["expanded"] - tel["collapsed"])
+        f = tel["first_changed"]
+        assert np.array_equal(wc.levels[:f], before.levels[:f]) and np.array_equal(wc.indices[:f], before.indices[:f])
+        if tel["expanded"] + tel["collapsed"] == 0:
+            assert wc == before and f == len(before)
+        # reconstruct what changed: expanded nodes vanished at level>=1, collapsed parents appeared
+        old = set(zip(before.levels.tolist(), before.indices.tolist()))
+        new = set(zip(wc.levels.tolist(), wc.indices.tolist()))
+        expanded = {k for k in old - new if (k[0] - 1, k[1] * K) in new}
+        collapsed = {k for k in new - old if (k[0] - 1, k[1] * K) in old}
+        assert len(expanded) == tel["expanded"] and len(collapsed) == tel["collapsed"]
+        for lvl, idx in expanded:   # expanded things had positive score above threshold
+            j = int(np.flatnonzero((before.levels == lvl) & (before.indices == idx))[0])
+            assert scores[j] > thr
+        for lvl, idx in expanded:   # hysteresis: not re-expanding what was just collapsed
+            assert not any(k == "collapse" and (l, i) == (lvl, idx) and step - s <= hysteresis
+                           for s, k, l, i in history)
+        for lvl, idx in collapsed:
+            assert not any(k == "expand" and (l, i) == (lvl, idx) and step - s <= hysteresis
+                           for s, k, l, i in history)
+        history += [(step, "expand", l, i) for l, i in expanded] + [(step, "collapse", l, i) for l, i in collapsed]
+
+
+def test_expands_highest_and_collapses_lowest():
+    K, W, L = 4, 40, 2
+    wc = WorkingContext.recency(300, K, W, L)
+    assert len(wc) > W - K + 1              # full: an expansion must be paid for
+    scores = np.zeros(len(wc))
+    lod1 = np.flatnonzero(wc.levels >= 1)
+    hi = int(lod1[len(lod1) // 2])
+    scores[hi] = 5.0
+    scores[lod1[0]] = 1.0                   # a weaker expansion candidate
+    groups = wc.collapse_groups()
+    g = int(groups[-1]) if groups[-1] not in range(hi - K + 1, hi + 1) else int(groups[0])
+    scores[g:g + K] = -3.0
+    lvl, idx = int(wc.levels[hi]), int(wc.indices[hi])
+    glvl, gidx = int(wc.levels[g]) + 1, int(wc.indices[g]) // K
+    tel = FocusAllocator(n_diff=2).refocus(wc, scores)
+    wc.validate()
+    assert tel["expanded"] == 1 and tel["collapsed"] == 1
+    assert children_present(wc, lvl, idx)
+    assert ((wc.levels == glvl) & (wc.indices == gidx)).any()
+    assert tel["first_changed"] == min(hi, g)
+
+
+def test_expands_when_room_and_skips_lod0_and_tail():
+    K, W, L = 4, 64, 2
+    wc = WorkingContext.coarsest(300, K, W, L)
+    scores = np.where(wc.levels == 0, 100.0, 0.0)   # LOD0 cannot expand, however much it wants to
+    scores[0] = 1.0
+    tel = FocusAllocator(n_diff=4).refocus(wc, scores)
+    assert tel["expanded"] == 1 and tel["collapsed"] == 0 and wc.levels[0] == 1
+    # the LOD0 tail never collapses, however little it is wanted
+    wc = WorkingContext.recency(300, K, W, L)
+    scores = np.zeros(len(wc))
+    scores[-K:] = -100.0
+    before = wc.copy()
+    FocusAllocator(n_diff=4).refocus(wc, scores)
+    assert np.array_equal(wc.levels[-K:], before.levels[-K:]) and (wc.levels[-K:] == 0).all()
+
+
+def test_no_edit_when_scores_flat():
+    wc = WorkingContext.recency(5000, 8, 128, 2)
+    before = wc.copy()
+    fa = FocusAllocator(threshold=1e-3)
+    for s in [np.zeros(len(wc)), np.random.default_rng(0).uniform(-1e-4, 1e-4, len(wc))]:
+        tel = fa.refocus(wc, s)
+        assert tel["expanded"] == tel["collapsed"] == 0 and tel["first_changed"] == len(wc)
+        assert wc == before
+    assert FocusAllocator().refocus(wc, np.zeros(len(wc)))["expanded"] == 0
+
+
+def test_hysteresis_blocks_reversal_then_releases():
+    K, W, L = 4, 60, 2
+    wc = WorkingContext.coarsest(300, K, W, L)
+    fa = FocusAllocator(n_diff=1, hysteresis=2)
+    j = int(np.flatnonzero(wc.levels == 1)[0])
+    lvl, idx = int(wc.levels[j]), int(wc.indices[j])
+    s = np.zeros(len(wc))
+    s[j] = 1.0
+    assert fa.refocus(wc, s)["expanded"] == 1
+    assert children_present(wc, lvl, idx)
+    for step in range(2):   # the children now want to go back: refused for 2 more calls
+        kids = np.flatnonzero((wc.levels == lvl - 1) & (wc.indices // K == idx))
+        s = np.zeros(len(wc))
+        s[kids] = -5.0
+        tel = fa.refocus(wc, s)
+        assert tel["collapsed"] == 0 and children_present(wc, lvl, idx)
+    tel = fa.refocus(wc, s)
+    assert tel["collapsed"] == 1 and not children_present(wc, lvl, idx)
+    # ...and now the collapsed parent is not re-expanded for 2 calls
+    p = int(np.flatnonzero((wc.levels == lvl) & (wc.indices == idx))[0])
+    s = np.zeros(len(wc))
+    s[p] = 5.0
+    assert fa.refocus(wc, s)["expanded"] == 0
+    assert fa.refocus(wc, s)["expanded"] == 0
+    assert fa.refocus(wc, s)["expanded"] == 1
+
+
+def test_refocus_fast_at_w8192():
+    wc = WorkingContext.recency(1_000_000, 32, 8192, 2)
+    fa = FocusAllocator()
+    rng = np.random.default_rng(0)
+    scores = [rng.normal(size=8192) for _ in range(8)]
+    ms = []
+    for i in range(60):
+        t = time.perf_counter()
+        fa.refocus(wc, scores[i % 8][: len(wc)])
+        ms.append((time.perf_counter() - t) * 1e3)
+    wc.validate()
+    assert np.median(ms) < 3.0, f"refocus median {np.median(ms):.2f} ms (target < 1 ms; lenient for a loaded CI box)"
+
+
+@pytest.mark.parametrize("K,W,L", [(8, 64, 2), (32, 1024, 2), (4, 32, 3)])
+def test_sampler(K, W, L):
+    N = 32 * W
+    wcs = sample_working_contexts(N, K, W, L, 8, np.random.default_rng(1))
+    assert len(wcs) == 8 and wcs[0] == WorkingContext.recency(N, K, W, L)
+    for wc in wcs:
+        wc.validate()
+        assert wc.num_tokens == N and len(wc) <= W and N / len(wc) >= 4
+        assert len(wc) > W - K   # fills the budget
+    layouts = {tuple(w.levels.tolist()) + tuple(w.indices.tolist()) for w in wcs}
+    assert len(layouts) >= 6, "sampled windows should differ"
+    counts = np.array([w.level_counts()[1:].sum() for w in wcs[1:]])
+    assert counts.std() > 0
+    again = sample_working_contexts(N, K, W, L, 8, np.random.default_rng(1))
+    assert all(a == b for a, b in zip(wcs, again))
+    other = sample_working_contexts(N, K, W, L, 8, np.random.default_rng(2))
+    assert any(a != b for a, b in zip(wcs[1:], other[1:]))
+
+
+def test_sampler_far_history_has_lod2_and_small_n():
+    K, W = 8, 128
+    N = 4 * K * W            # N >> K*W: LOD1 alone cannot cover it
+    for wc in sample_working_contexts(N, K, W, 2, 6, np.random.default_rng(0)):
+        assert wc.level_counts()[2] > 0
+    few = sample_working_contexts(10, K, W, 2, 3, np.random.default_rng(0))   # fits at LOD0
+    assert all(w.num_tokens == 10 for w in few) and (few[0].levels == 0).all()
+
+
+def test_pack():
+    K, W = 8, 64
+    wcs = sample_working_contexts(3000, K, W, 2, 4, np.random.default_rng(0)) + [WorkingContext(K, W, 2)]
+    p = pack_working_contexts(wcs, W)
+    assert p["levels"].shape == (5, W) and p["lengths"].tolist() == [len(w) for w in wcs]
+    for r, wc in enumerate(wcs):
+        n = len(wc)
+        assert np.array_equal(p["levels"][r, :n], wc.levels) and (p["levels"][r, n:] == -1).all()
+        assert np.array_equal(p["indices"][r, :n], wc.indices) and (p["indices"][r, n:] == 0).all()
+        assert np.array_equal(p["starts"][r, :n], wc.starts) and np.array_equal(p["widths"][r, :n], wc.widths)
+    with pytest.raises(ValueError):
+        pack_working_contexts(wcs, 10)
