@@ -76,6 +76,7 @@ def compute_init(device_type=None, seed=1337):
 
 def compute_cleanup():
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another still talks to it (gloo hangs)
         dist.destroy_process_group()
 
 

@@ -29,7 +29,7 @@ def _coerce(name, value, default):
             return False
         fail(f"--{name} expects a boolean, got {value!r}")
     if isinstance(default, int):
-        if isinstance(value, bool):
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             fail(f"--{name} expects an integer, got {value!r}")
         try:
             return int(value)

@@ -1,15 +1,47 @@
 """
-KV-cached generation. Prefill the prompt once (batch 1), replicate the cache for `num_samples`
-rows, then decode one token per step for every row; rows that hit a stop token are finished and
-padded. Sampling: temperature (0 = greedy) and top-k, with an explicit torch.Generator so a seed
-reproduces a sample.
+KV-cached generation, plain and with MegaContext memory.
 
-The MegaContext decode loop (ingest -> refocus -> decode, chunked by K, with cache reuse from the
-first edited entry) builds on the same KVCache and forward signature.
+Engine: prefill the prompt once (batch 1, in chunks, logits only for the last position),
+replicate the cache for `num_samples` rows, then decode one token per step for every row; rows
+that hit a stop token are finished and padded. Sampling: temperature (0 = greedy) and top-k,
+with an explicit torch.Generator so a seed reproduces a sample.
+
+MemorySession: one conversation's memory and the MegaContext decode loop (DESIGN §9):
+ingest -> refocus -> decode, chunked by K.
+- ingest(ids): tokens -> tree (GistNet, batched, no grad) -> working context (WC): wc.append
+  collapses oldest-first when over W. Nothing is decoded.
+- refocus(): LensNet scores every WC entry, given the last K tokens -> FocusAllocator edits.
+- logits(): the KV cache holds the model's K/V for a prefix of the WC, and we remember which
+  node (level, index) sits in each cached slot. The valid prefix is the common prefix of that
+  layout and the current WC, so any edit (append-collapse, refocus, or a direct WC edit)
+  invalidates exactly the entries from its first changed one; those are recomputed in one
+  chunked forward. This is exact: a node's content never changes (the tree is append-only) and
+  its position depends only on its slot ("entry") or on the node itself ("gaussian").
+- generate(): sample, append the token to memory (tree + WC), refocus every K generated tokens.
+- Model inputs come only from model.entry_embeddings (LOD0 ids from tree.tokens, gists from
+  tree.gists), so inference sees what training sees. LensNet gets those entry embeddings,
+  lens_features(starts, widths, N) and the token embeddings of the last K tokens.
+- Device memory: the model, a W-entry KV cache and a W-entry embedding buffer: O(W), whatever
+  the history length. The tree lives in RAM or on disk.
+A plain (non-MC) model gets the same API over a token list; its window is the last <= W tokens
+(W <= sequence_len). When it overflows, it is re-anchored to the last 3W/4 tokens and recomputed:
+positions shift, so a plain window cannot slide one token at a time without a full recompute.
 """
+import os
+import json
+import time
+import array
+import fcntl
+import hashlib
+
+import numpy as np
 import torch
 
-from nanochat.gpt import KVCache
+from nanochat.common import fail, atomic_write_json, atomic_write_bytes, autocast_ctx
+from nanochat.gpt import KVCache, lens_features
+from megacontext.tree import MegaContextTree
+from megacontext.working_context import WorkingContext
+from megacontext.focus import FocusAllocator
 
 
 @torch.no_grad()
@@ -27,7 +59,14 @@ def sample_next(logits, rng=None, temperature=1.0, top_k=None):
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=rng)
 
 
+def _cache_dtype(model):
+    p = next(model.parameters())
+    return torch.bfloat16 if p.is_cuda else p.dtype
+
+
 class Engine:
+    prefill_chunk = 2048  # tokens per prefill forward: bounds activation memory for long prompts
+
     def __init__(self, model, tokenizer=None, autocast=None):
         self.model, self.tokenizer = model, tokenizer
         self.autocast = autocast
@@ -41,8 +80,22 @@ class Engine:
     def new_cache(self, batch_size, max_len):
         c = self.model.config
         p = next(self.model.parameters())
-        dtype = torch.bfloat16 if p.is_cuda else p.dtype
-        return KVCache(batch_size, c.n_kv_head, max_len, c.n_embd // c.n_head, c.n_layer, p.device, dtype)
+        return KVCache(batch_size, c.n_kv_head, max_len, c.n_embd // c.n_head, c.n_layer, p.device, _cache_dtype(self.model))
+
+    @torch.no_grad()
+    def prefill(self, ids, cache):
+        """ids (1, T) -> logits (1, V) of the last position; the cache then holds all T. Never
+        materializes (T, V) logits, which at T = 128k would be gigabytes."""
+        h = None
+        for a in range(0, ids.size(1), self.prefill_chunk):
+            h = self._fwd(ids[:, a:a + self.prefill_chunk], kv_cache=cache, return_hidden=True)
+        return self._head(h[:, -1])
+
+    def _head(self, h):
+        if self.autocast is not None:
+            with self.autocast:
+                return self.model.logits_and_loss(h)
+        return self.model.logits_and_loss(h)
 
     @torch.no_grad()
     def generate(self, tokens, num_samples=1, max_tokens=64, temperature=1.0, top_k=None, seed=42, stop_tokens=()):
@@ -55,11 +108,10 @@ class Engine:
         limit = self.model.config.sequence_len
         if len(tokens) + max_tokens > limit:
             raise ValueError(f"prompt ({len(tokens)}) + max_tokens ({max_tokens}) exceeds the model's "
-                             f"context of {limit}; a MegaContext model compresses instead")
+                             f"context of {limit}; a MegaContext model compresses instead (MemorySession)")
         rng = torch.Generator(device=device).manual_seed(seed)
         cache = self.new_cache(1, len(tokens) + max_tokens)
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = self._fwd(ids, kv_cache=cache)[:, -1]
+        logits = self.prefill(torch.tensor([tokens], dtype=torch.long, device=device), cache)
         if num_samples > 1:
             cache.expand_batch(num_samples)
             logits = logits.expand(num_samples, -1)
@@ -90,3 +142,414 @@ class Engine:
                 else:
                     out[i].append(t)
         return out
+
+
+# -----------------------------------------------------------------------------
+# MegaContext memory
+
+STATE_FILE = "session.json"   # small JSON state beside the tree files, rewritten atomically
+TOKENS_FILE = "tokens.u32"    # plain models only: the token history
+STATE_VERSION = 1
+
+
+def compute_model_id(model) -> str:
+    """32 hex chars naming what stored memory depends on: the config and, for an MC model, the
+    token embedding (LOD0 children are embedded with it) and GistNet. A memory made by another
+    model fails to open instead of feeding it foreign gists."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    mods = [("wte", model.transformer.wte), ("gistnet", model.gistnet)] if model.config.megacontext else []
+    for prefix, mod in mods:
+        for name, t in sorted(mod.state_dict().items()):
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{prefix}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _token_array(ids, vocab_size):
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().cpu().numpy()
+    a = np.asarray(ids)
+    if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        fail(f"token ids must be a 1-D integer sequence, got shape {a.shape} dtype {a.dtype}")
+    a = a.astype(np.int64, copy=False)
+    if a.size and (a.min() < 0 or a.max() >= vocab_size):
+        fail(f"token ids must lie in [0, {vocab_size}), got [{a.min()}, {a.max()}]")
+    return a
+
+
+class MemorySession:
+    """One conversation's memory. For an MC model: a MegaContextTree (on disk if path given, else
+    RAM) + a WorkingContext of budget W + a FocusAllocator + a KVCache over the working context.
+    For a plain (non-MC) model: a token list and a sliding window of the last sequence_len tokens
+    (same API). On disk, gists are written without fsync per token (durable=False) and flushed by
+    save(); a crash loses at most the unsaved tail, which open() reconciles."""
+    chunk = 2048          # entries per forward when many are recomputed (bounds activations)
+    ingest_chunk = 16384  # tokens per tree append during ingest (one progress callback each)
+
+    def __init__(self, model, W=None, path=None, model_id=None, autocast=None, n_diff=4, tail=None, durable=False):
+        c = model.config
+        self._setup(model, model_id, autocast, path)
+        if path is not None and os.path.exists(os.path.join(path, STATE_FILE)):
+            fail(f"{path} already holds a memory; reopen it with MemorySession.open")
+        if self.mc:
+            self.W = int(W or c.sequence_len)
+            self.tree = MegaContextTree(K=self.K, dim=c.n_embd, max_level=c.mc_max_level,
+                                        model_id=self.model_id, path=path, durable=durable)
+            self.wc = WorkingContext(self.K, self.W, c.mc_max_level, tail)
+            self.focus = FocusAllocator(n_diff)
+        else:
+            self.W = min(int(W or c.sequence_len), c.sequence_len)
+            self.tokens, self.w0 = array.array("I"), 0
+            self._lock_dir()
+        self._init_buffers()
+        self.save()
+
+    @classmethod
+    def open(cls, model, path, model_id=None, autocast=None, durable=False):
+        """Reopen a memory that save() wrote: tree files + session.json. Another model -> UserError."""
+        sp = os.path.join(path, STATE_FILE)
+        if not os.path.isfile(sp):
+            fail(f"no memory at {path} ({STATE_FILE} missing)")
+        try:
+            with open(sp) as f:
+                state = json.load(f)
+            assert state["version"] == STATE_VERSION
+        except Exception as e:
+            fail(f"corrupt memory state {sp}: {type(e).__name__}: {e}")
+        self = cls.__new__(cls)
+        self._setup(model, model_id, autocast, path)
+        if state.get("model_id") != self.model_id:
+            fail(f"memory at {path} was made by model {state.get('model_id')!r}, not by this one "
+                 f"({self.model_id!r}); its gists do not fit this model")
+        if state.get("kind") != ("mc" if self.mc else "plain"):
+            fail(f"memory at {path} is for a {state.get('kind')} model, this one is {'mc' if self.mc else 'plain'}")
+        self.W, self.recovered = int(state["W"]), {}
+        if self.mc:
+            self.tree = MegaContextTree.open(path, model_id=self.model_id, durable=durable)
+            self.recovered.update(self.tree.recovered)
+            wc, N = WorkingContext.from_dict(state["wc"]), self.tree.num_tokens
+            if wc.num_tokens < N:    # tokens appended after the last save: cover them
+                wc.append(N - wc.num_tokens)
+                self.recovered["wc_appended"] = N - wc.num_tokens
+            elif wc.num_tokens > N:  # the tree lost an unflushed tail (OS crash): fall back to recency
+                wc = WorkingContext.recency(N, wc.K, wc.W, wc.max_level, wc.tail)
+                self.recovered["wc_rebuilt"] = True
+            self.wc = wc
+            self.focus = FocusAllocator(state["n_diff"])
+            self.focus.calls = int(state.get("focus_calls", 0))  # hysteresis memory is not persisted
+        else:
+            self._lock_dir()
+            self.tokens = array.array("I")
+            with open(os.path.join(path, TOKENS_FILE), "rb") as f:
+                self.tokens.frombytes(f.read())
+            self.w0 = int(state["w0"])
+        self._init_buffers()
+        self.counters.update(state.get("counters", {}))
+        return self
+
+    def _setup(self, model, model_id, autocast, path):
+        self.model, self.config, self.path = model, model.config, path
+        self.mc = bool(model.config.megacontext)
+        self.K = model.config.mc_block_size
+        self.device = next(model.parameters()).device
+        self.autocast = autocast if autocast is not None else autocast_ctx(self.device.type)
+        self.model_id = model_id if model_id is not None else compute_model_id(model)
+        self.tree, self._lock_fd, self.closed, self.recovered = None, None, False, {}
+
+    def _lock_dir(self):
+        if self.path is None:
+            return
+        os.makedirs(self.path, exist_ok=True)
+        self._lock_fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            fail(f"memory at {self.path} is already open (one writer per memory)")
+
+    def _init_buffers(self):
+        c = self.config
+        self.cache = KVCache(1, c.n_kv_head, self.W, c.n_embd // c.n_head, c.n_layer, self.device, _cache_dtype(self.model))
+        wte = self.model.transformer.wte.weight
+        self.emb = torch.zeros(self.W, c.n_embd, device=self.device, dtype=wte.dtype) if self.mc else None
+        self._lv = np.full(self.W, -1, np.int64)   # node (level, index) in each slot of emb/cache
+        self._ix = np.full(self.W, -1, np.int64)
+        self._known = 0                            # slots [0, _known) hold what _lv/_ix say
+        self._logits = None                        # logits of the last cached entry
+        self._since_refocus = 0
+        self.last_recomputed = 0
+        self.counters = dict(ingested=0, generated=0, forwards=0, recomputed=0, reused=0,
+                             refocus_calls=0, refocus_ms=0.0, edits=0)
+
+    # ---- the window, whatever the model ---------------------------------------------------------
+
+    def __len__(self):
+        return len(self.wc) if self.mc else len(self.tokens) - self.w0
+
+    @property
+    def num_tokens(self):
+        return self.wc.num_tokens if self.mc else len(self.tokens)
+
+    def _layout(self):
+        if self.mc:
+            return self.wc.levels, self.wc.indices
+        n = len(self.tokens)
+        return np.zeros(n - self.w0, np.int64), np.arange(self.w0, n, dtype=np.int64)
+
+    def _sync(self):
+        """Drop cached slots from the first one whose node differs from the current window."""
+        lv, ix = self._layout()
+        m = min(self._known, len(lv))
+        bad = np.flatnonzero((self._lv[:m] != lv[:m]) | (self._ix[:m] != ix[:m]))
+        self._known = int(bad[0]) if len(bad) else m
+        if self.cache.pos > self._known:
+            self.cache.truncate(self._known)
+            self._logits = None
+        return lv, ix
+
+    def _materialize(self, lv, ix, E):
+        """Entry embeddings for slots [_known, E) into self.emb (MC only). Runs of one level have
+        consecutive indices, so each run is one contiguous tree read."""
+        a = self._known
+        if a >= E:
+            return
+        lv_, ix_, n = lv[a:E], ix[a:E], E - a
+        tok = np.zeros(n, np.int64)
+        gists = torch.zeros(n, self.config.n_embd)
+        cut = np.flatnonzero((np.diff(lv_) != 0) | (np.diff(ix_) != 1)) + 1
+        for s, e in zip(np.r_[0, cut].tolist(), np.r_[cut, n].tolist()):
+            l, i0 = int(lv_[s]), int(ix_[s])
+            if l == 0:
+                tok[s:e] = self.tree.tokens(i0, i0 + e - s)
+            else:
+                gists[s:e] = self.tree.gists(l, i0, i0 + e - s)
+        dev = self.device
+        emb = self.model.entry_embeddings(torch.from_numpy(lv_)[None].to(dev), torch.from_numpy(tok)[None].to(dev),
+                                          gists[None].to(dev))
+        self.emb[a:E] = emb[0].to(self.emb.dtype)
+        self._lv[a:E], self._ix[a:E] = lv_, ix_
+        self._known = E
+
+    def _positions(self, j, E):
+        if self.mc and self.config.pos_scheme == "gaussian":
+            p, s = self.wc.positions("gaussian")
+            to = lambda x: torch.from_numpy(np.ascontiguousarray(x[j:E]))[None].to(self.device)  # noqa: E731
+            return to(p), to(s)
+        return torch.arange(j, E, device=self.device)[None], None
+
+    # ---- the public API -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def logits(self):
+        """Next-token logits (V,) float32 for the current state. Cached slots [0, cache.pos) that
+        still match the window are reused; the rest is recomputed."""
+        self._check_open()
+        lv, ix = self._sync()
+        E = len(lv)
+        if E == 0:
+            fail("memory is empty: ingest some tokens first")
+        if self.cache.pos == E and self._logits is not None:
+            self.last_recomputed = 0
+            return self._logits
+        if self.cache.pos == E:  # cached but its logits were not kept: redo the last entry
+            self.cache.truncate(E - 1)
+        j = self.cache.pos
+        if self.mc:
+            self._materialize(lv, ix, E)
+        else:
+            self._known = j  # plain: the layout is written below, as slots get cached
+        pos, sigma = self._positions(j, E)
+        h = None
+        with self.autocast:
+            for a in range(j, E, self.chunk):
+                b = min(a + self.chunk, E)
+                kw = dict(pos=pos[:, a - j:b - j], sigma=None if sigma is None else sigma[:, a - j:b - j],
+                          kv_cache=self.cache, return_hidden=True)
+                if self.mc:
+                    h = self.model(embeds=self.emb[a:b][None], **kw)
+                else:
+                    ids = torch.tensor(self.tokens[self.w0 + a:self.w0 + b], dtype=torch.long, device=self.device)
+                    h = self.model(ids[None], **kw)
+            logits = self.model.logits_and_loss(h[:, -1])[0]
+        if not self.mc:
+            self._lv[j:E], self._ix[j:E] = lv[j:E], ix[j:E]
+            self._known = E
+        self.last_recomputed = E - j
+        self.counters["forwards"] += 1
+        self.counters["recomputed"] += E - j
+        self.counters["reused"] += j
+        self._logits = logits
+        return logits
+
+    @torch.no_grad()
+    def _gist_fn(self, child_level, children):
+        with self.autocast:
+            return self.model.gist(child_level, children.to(self.device))
+
+    @torch.no_grad()
+    def ingest(self, ids, progress=None):
+        """Append tokens to memory without decoding. progress(done, total) after each chunk."""
+        self._check_open()
+        tel = self._append(_token_array(ids, self.config.vocab_size), progress)
+        self.counters["ingested"] += tel["tokens"]
+        return tel
+
+    def _append(self, ids, progress=None):
+        t0 = time.perf_counter()
+        total, first = int(ids.size), len(self)
+        tel = {"tokens": total}
+        if self.mc:
+            new_nodes, gist_s = [0] * (self.wc.max_level + 1), 0.0
+            for a in range(0, total, self.ingest_chunk):
+                part = ids[a:a + self.ingest_chunk]
+                wc = self.wc.copy()   # probe first: a history that cannot fit changes nothing
+                try:
+                    first = min(first, wc.append(part.size))
+                except ValueError as e:
+                    fail(f"memory full: {e}")
+                try:
+                    t = self.tree.append(part, self._gist_fn)
+                except BaseException:
+                    self._reconcile()
+                    raise
+                self.wc = wc
+                new_nodes = [x + y for x, y in zip(new_nodes, t["new_nodes"])]
+                gist_s += t["gist_s"]
+                if progress is not None:
+                    progress(a + part.size, total)
+            tel.update(new_nodes=new_nodes, gist_s=gist_s, per_level=self.wc.level_counts().tolist())
+        else:
+            self.tokens.frombytes(ids.astype(np.uint32).tobytes())
+            if len(self.tokens) - self.w0 > self.W:
+                self.w0 = len(self.tokens) - max(1, self.W - self.W // 4)
+                first = 0
+            if progress is not None:
+                progress(total, total)
+        tel.update(first_changed=first, len=len(self), num_tokens=self.num_tokens,
+                   ms=(time.perf_counter() - t0) * 1e3)
+        return tel
+
+    def _reconcile(self):
+        """After a failed tree append: cover whatever the tree did commit."""
+        extra = self.tree.num_tokens - self.wc.num_tokens
+        if extra > 0:
+            try:
+                self.wc.append(extra)
+            except ValueError as e:
+                fail(f"memory inconsistent after a failed append ({e}); reopen it")
+
+    @torch.no_grad()
+    def refocus(self):
+        """LensNet scores over the WC entries + the last K tokens -> FocusAllocator edits.
+        The KV cache is cut at the first changed entry (lazily, at the next logits())."""
+        self._check_open()
+        self._since_refocus = 0
+        if not self.mc or len(self.wc) == 0:
+            return {"expanded": 0, "collapsed": 0, "first_changed": len(self), "len": len(self), "ms": 0.0}
+        t0 = time.perf_counter()
+        lv, ix = self._sync()
+        E, N, dev = len(lv), self.wc.num_tokens, self.device
+        self._materialize(lv, ix, E)
+        t = min(self.K, N)
+        tail = torch.from_numpy(self.tree.tokens(N - t, N).astype(np.int64))[None].to(dev)
+        feat = lens_features(torch.from_numpy(self.wc.starts)[None], torch.from_numpy(self.wc.widths)[None], N)
+        with self.autocast:
+            scores = self.model.lensnet(self.emb[:E][None], torch.from_numpy(lv)[None].to(dev), feat.to(dev),
+                                        self.model.embed(tail), torch.ones(1, E, dtype=torch.bool, device=dev))
+        scores = scores[0].float().cpu().numpy()
+        lens_ms = (time.perf_counter() - t0) * 1e3
+        tel = self.focus.refocus(self.wc, scores)
+        tel["alloc_ms"] = tel.pop("ms")
+        tel.update(lens_ms=lens_ms, ms=(time.perf_counter() - t0) * 1e3, recompute=len(self.wc) - tel["first_changed"],
+                   per_level=self.wc.level_counts().tolist())
+        self.counters["refocus_calls"] += 1
+        self.counters["refocus_ms"] += tel["ms"]
+        self.counters["edits"] += tel["expanded"] + tel["collapsed"]
+        return tel
+
+    @torch.no_grad()
+    def generate(self, max_tokens, temperature=1.0, top_k=None, seed=42, stop_tokens=()):
+        """Yields (token_id, telemetry | None): the refocus telemetry after every K-th generated
+        token (MC models), else None. Every sampled token, a stop token included, goes into
+        memory; generation ends after a stop token."""
+        rng = torch.Generator(device=self.device).manual_seed(seed)
+        stop = set(stop_tokens)
+        for _ in range(max_tokens):
+            tok = int(sample_next(self.logits()[None], rng, temperature, top_k)[0, 0])
+            self._append(np.array([tok], np.int64))
+            self.counters["generated"] += 1
+            self._since_refocus += 1
+            tel = None
+            if self.mc and self._since_refocus >= self.K:
+                tel = self.refocus()
+            yield tok, tel
+            if tok in stop:
+                return
+
+    def focus_map(self):
+        """Runs of consecutive entries at one level: [{"start", "end", "level", "entries"}] (tokens)."""
+        lv, ix = self._layout()
+        if len(lv) == 0:
+            return []
+        w = self.K ** lv if self.mc else np.ones_like(lv)
+        starts = ix * w
+        cut = np.flatnonzero(np.diff(lv)) + 1
+        firsts, lasts = np.r_[0, cut], np.r_[cut, len(lv)] - 1
+        return [{"start": int(starts[f]), "end": int(starts[l] + w[l]), "level": int(lv[f]), "entries": int(l - f + 1)}
+                for f, l in zip(firsts.tolist(), lasts.tolist())]
+
+    def stats(self):
+        c = dict(self.counters)
+        lv, _ = self._layout()
+        per_level = np.bincount(lv, minlength=(self.wc.max_level + 1) if self.mc else 1).tolist()
+        done = c["recomputed"] + c["reused"]
+        calls = max(1, c["refocus_calls"])
+        return dict(kind="mc" if self.mc else "plain", tokens=self.num_tokens, entries=len(self), W=self.W,
+                    per_level=per_level, compression=self.num_tokens / max(1, len(self)),
+                    cache_reuse=c["reused"] / done if done else 0.0,
+                    recomputed_per_forward=c["recomputed"] / max(1, c["forwards"]),
+                    refocus_ms_mean=c["refocus_ms"] / calls,
+                    swap_rate=c["edits"] / calls,  # focus edits per refocus
+                    **c)
+
+    def save(self):
+        """Flush the tree and write session.json atomically (no-op for an in-RAM memory)."""
+        self._check_open()
+        if self.path is None:
+            return
+        state = dict(version=STATE_VERSION, kind="mc" if self.mc else "plain", model_id=self.model_id,
+                     W=self.W, counters=self.counters)
+        if self.mc:
+            self.tree.flush()
+            state.update(wc=self.wc.to_dict(), n_diff=self.focus.n_diff, focus_calls=self.focus.calls)
+        else:
+            atomic_write_bytes(os.path.join(self.path, TOKENS_FILE), self.tokens.tobytes())
+            state.update(w0=self.w0, num_tokens=len(self.tokens))
+        atomic_write_json(os.path.join(self.path, STATE_FILE), state)
+
+    def close(self):
+        if self.closed:
+            return
+        try:
+            self.save()
+        finally:
+            self.closed = True
+            if self.tree is not None:
+                self.tree.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+            self.cache = self.emb = self._logits = None
+
+    def _check_open(self):
+        if self.closed:
+            fail("this memory session is closed")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -10,6 +10,10 @@ stay bit-identical across ranks (tests/test_train.py checks that). The Newton-Sc
 duplicated on each rank; at our sizes it is a few percent of a step and buys a lot of simplicity.
 """
 import torch
+import torch._dynamo
+
+# one compiled Newton-Schulz graph per distinct stacked shape (base, GistNet, LensNet matrices)
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 
 @torch.compile(dynamic=False, fullgraph=True, disable=not torch.cuda.is_available())

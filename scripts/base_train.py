@@ -12,6 +12,7 @@ import os
 import json
 import time
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, asdict
 
 import numpy as np
@@ -247,7 +248,19 @@ def main():
     smooth_loss, n_logged, total_time, val_bpb = 0.0, 0, 0.0, None
     step = start_step
     loader_iter = iter(train_loader)
-    x, y = next(loader_iter)
+    if cfg.megacontext:
+        # tokenizing long contexts + sampling working contexts is CPU work: do the next batch's
+        # in a background thread while the GPU runs this one
+        pool = ThreadPoolExecutor(1)
+
+        def next_batch():
+            bx, _ = next(loader_iter)
+            return train_loader.state_dict(), batcher(bx)  # state = where the batch after bx starts
+
+        fut = pool.submit(next_batch)
+        x, y = None, None
+    else:
+        x, y = next(loader_iter)
     while True:
         last = step == num_iterations
         if cfg.eval_every > 0 and (last or step % cfg.eval_every == 0):
@@ -275,13 +288,16 @@ def main():
             with ctx:
                 with autocast:
                     if cfg.megacontext:
-                        loss, mc_metrics = model(*batcher(x))
+                        loader_state, mc_inputs = fut.result()
+                        fut = pool.submit(next_batch)
+                        loss, mc_metrics = model(*mc_inputs)
                     else:
                         loss = model(x, y)
                 train_loss = loss.detach()
                 (loss / grad_accum).backward()
-            loader_state = train_loader.state_dict()  # where the prefetched batch starts: a resume re-reads it
-            x, y = next(loader_iter)
+            if not cfg.megacontext:
+                loader_state = train_loader.state_dict()  # where the prefetched batch starts: a resume re-reads it
+                x, y = next(loader_iter)
         grad_norm = torch.nn.utils.clip_grad_norm_(orig_model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         lrm = get_lr_multiplier(step, num_iterations, cfg)
         for opt in optimizers:

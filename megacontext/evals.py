@@ -1,0 +1,162 @@
+"""
+MegaContext evaluations (DESIGN §11). Every function works on one long token sequence at a time
+and returns plain numbers; scripts/mc_eval.py sweeps lengths, policies and seeds and plots.
+
+Policies compared at the same budget W (entries):
+- "lens":     MegaContext, recency layout refocused by LensNet + the focus allocator (R rounds)
+- "recency":  MegaContext, recency layout, no refocus (gists, but no learned focus)
+- "random":   MegaContext, refocused with random scores (same allocator, same number of rounds)
+- "window":   the same model reading only the last W tokens (a plain sliding window: no memory)
+- "full":     the same model with full attention over the whole history (where it fits)
+
+Scoring is teacher-forced: the window covers [0, N) where N is where the answer starts; the answer
+tokens follow as plain tokens; an example is correct when every answer token is the argmax.
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from megacontext.working_context import WorkingContext
+from megacontext.focus import FocusAllocator
+from nanochat.gpt import lens_features
+
+
+@torch.no_grad()
+def build_levels(model, ids, chunk_blocks=8192):
+    """ids (N,) on device -> node table (rows: tokens, LOD1 gists, LOD2 ...) and level offsets."""
+    K, L = model.config.mc_block_size, model.config.mc_max_level
+    levels = [model.embed(ids)]
+    for l in range(1, L + 1):
+        prev = levels[-1]
+        n = prev.size(0) // K
+        blocks = prev[: n * K].view(n, K, -1)
+        out = [model.gistnet(blocks[i:i + chunk_blocks], l) for i in range(0, n, chunk_blocks)]
+        levels.append(torch.cat(out).to(levels[0].dtype) if out else prev[:0])
+    offs = np.cumsum([0] + [x.size(0) for x in levels[:-1]]).tolist()
+    return torch.cat(levels), offs
+
+
+def entry_inputs(model, table, offs, wc):
+    lv = torch.as_tensor(wc.levels, device=table.device)
+    ix = torch.as_tensor(wc.indices, device=table.device)
+    src = torch.as_tensor(offs, device=table.device)[lv] + ix
+    return model.add_level_embedding(table[src][None], lv[None])[0]
+
+
+@torch.no_grad()
+def lens_scores(model, table, offs, wc, tail=32):
+    N = wc.num_tokens
+    lv = torch.as_tensor(wc.levels, device=table.device)[None]
+    emb = entry_inputs(model, table, offs, wc)[None]
+    feats = lens_features(torch.as_tensor(wc.starts, device=table.device)[None],
+                          torch.as_tensor(wc.widths, device=table.device)[None], N)
+    tail_emb = table[max(0, N - tail):N][None]
+    s = model.lensnet(emb, lv, feats, tail_emb, torch.ones_like(lv, dtype=torch.bool))
+    return s[0].float().cpu().numpy()
+
+
+def focus(model, table, offs, N, W, policy, rounds=8, n_diff=4, rng=None):
+    """Build the working context for a policy ('lens' | 'recency' | 'random')."""
+    c = model.config
+    wc = WorkingContext.recency(N, c.mc_block_size, W, c.mc_max_level)
+    if policy == "recency":
+        return wc, 0
+    alloc = FocusAllocator(n_diff=n_diff, hysteresis=2)
+    edits = 0
+    for _ in range(rounds):
+        if policy == "lens":
+            scores = lens_scores(model, table, offs, wc)
+        else:
+            scores = rng.standard_normal(len(wc))
+        t = alloc.refocus(wc, scores)
+        edits += t["expanded"] + t["collapsed"]
+        if t["expanded"] + t["collapsed"] == 0:
+            break
+    return wc, edits
+
+
+@torch.no_grad()
+def score_continuation(model, prefix_emb, pos, sigma, cont_ids):
+    """NLL per token and argmax-correctness of cont_ids given prefix embeddings (E, D)."""
+    dev = prefix_emb.device
+    cont = torch.as_tensor(cont_ids, device=dev)
+    x = torch.cat([prefix_emb, model.embed(cont[:-1])], 0)[None]
+    logits = model(embeds=x, pos=pos[None], sigma=None if sigma is None else sigma[None])[0]
+    E = prefix_emb.size(0)
+    lg = logits[E - 1: E - 1 + len(cont)].float()
+    nll = F.cross_entropy(lg, cont, reduction="none")
+    correct = bool((lg.argmax(-1) == cont).all())
+    return nll.cpu().numpy(), correct
+
+
+def _positions(scheme, wc, n_cont, device, N):
+    if scheme == "entry":
+        E = len(wc)
+        return torch.arange(E + n_cont - 1, device=device), None
+    pos, sig = wc.positions("gaussian")
+    pos = np.concatenate([pos, N + np.arange(n_cont - 1)])
+    sig = np.concatenate([sig, np.zeros(n_cont - 1)])
+    return torch.as_tensor(pos, device=device), torch.as_tensor(sig, device=device)
+
+
+@torch.no_grad()
+def eval_example(model, ids, N, cont, W, policies, rounds=8, rng=None, full_max=None):
+    """ids: the history tokens [0, N) (np array); cont: tokens to score after it.
+    Returns {policy: {"correct": bool, "nll": mean nll, "edits": n}}."""
+    dev = next(model.parameters()).device
+    out = {}
+    hist = torch.as_tensor(np.asarray(ids[:N]), device=dev)
+    mc_pol = [p for p in policies if p in ("lens", "recency", "random")]
+    if mc_pol:
+        table, offs = build_levels(model, hist)
+        for p in mc_pol:
+            wc, edits = focus(model, table, offs, N, W, p, rounds, rng=rng)
+            emb = entry_inputs(model, table, offs, wc)
+            pos, sig = _positions(model.config.pos_scheme, wc, len(cont), dev, N)
+            nll, ok = score_continuation(model, emb, pos, sig, cont)
+            out[p] = {"correct": ok, "nll": float(nll.mean()), "edits": edits,
+                      "lod_counts": wc.level_counts().tolist()}
+    for p, span in (("window", W), ("full", full_max)):
+        if p not in policies or (p == "full" and (full_max is None or N > full_max)):
+            continue
+        t = hist[max(0, N - span):]
+        emb = model.embed(t)
+        pos = torch.arange(len(t) + len(cont) - 1, device=dev)
+        nll, ok = score_continuation(model, emb, pos, None, cont)
+        out[p] = {"correct": ok, "nll": float(nll.mean()), "edits": 0}
+    return out
+
+
+@torch.no_grad()
+def substitution_dnll(model, ids, N, H, level, n_blocks=8, rng=None):
+    """ΔNLL@H of substituting single blocks by their level-`level` gist. Base window: everything in
+    [0, N) at level-1 detail (LOD0 for level 1) except the pinned tail; variant: one aligned block
+    of K**level tokens at `level`. Returns (mean ΔNLL over blocks, base NLL) on the next H tokens."""
+    c = model.config
+    K = c.mc_block_size
+    dev = next(model.parameters()).device
+    hist = torch.as_tensor(np.asarray(ids[:N]), device=dev)
+    table, offs = build_levels(model, hist)
+    cont = np.asarray(ids[N:N + H])
+    lo = level - 1
+    n_hi = (N - K) // K**lo                     # level-`lo` entries, then LOD0 up to N (the tail)
+    start0 = n_hi * K**lo
+    levels = np.concatenate([np.full(n_hi, lo), np.zeros(N - start0, np.int64)])
+    indices = np.concatenate([np.arange(n_hi), np.arange(start0, N)])
+    base = WorkingContext(K, W=len(levels), max_level=c.mc_max_level, levels=levels, indices=indices)
+    emb = entry_inputs(model, table, offs, base)
+    pos, sig = _positions(c.pos_scheme, base, len(cont), dev, N)
+    nll0, _ = score_continuation(model, emb, pos, sig, cont)
+    groups = list(range(n_hi // K))             # aligned groups of K level-`lo` entries
+    if not groups:
+        return float("nan"), float(nll0.mean())
+    pick = rng.choice(groups, size=min(n_blocks, len(groups)), replace=False)
+    d = []
+    for g in pick:
+        wc = base.copy()
+        wc.apply(collapse=[g * K])
+        emb = entry_inputs(model, table, offs, wc)
+        pos, sig = _positions(c.pos_scheme, wc, len(cont), dev, N)
+        nll1, _ = score_continuation(model, emb, pos, sig, cont)
+        d.append(float(nll1.mean() - nll0.mean()))
+    return float(np.mean(d)), float(nll0.mean())

@@ -1,0 +1,161 @@
+"""
+Decode speed and memory versus history length: MegaContext (MemorySession, O(W) state) against
+full-attention KV decode of the same model over the whole history. Prints one JSON object.
+
+    python -m scripts.bench_decode --depth 2 --histories 4096,32768 --steps 32 --device cpu
+    python -m scripts.bench_decode --depth 12 --W 4096 --histories 4096,32768,131072,1048576
+
+Random init is fine for speed, but LensNet's head and the zero-init output projections are
+perturbed so that refocus really edits the window (and the cache really gets cut), as a trained
+model's would. MC: ingest the history (random tokens, on-disk tree in a temp dir), refocus,
+prefill the window, then time --steps generate() steps (sampling, tree/WC append, cache reuse,
+refocus every K). Full: the plain Engine's cache over history + steps tokens, chunked prefill,
+then --steps one-token decode steps; "skipped" past --max-full tokens, "oom" if it does not fit.
+Memory: peak allocated GPU memory (CUDA), else the process's current RSS after the run.
+"""
+import os
+import gc
+import json
+import time
+import shutil
+import argparse
+import tempfile
+
+import numpy as np
+import torch
+
+from nanochat.common import main_guard, fail, autocast_ctx, synchronize, autodetect_device_type
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.engine import Engine, MemorySession, sample_next
+
+
+def mem_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_mem(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def bench_mc(model, ids, args, device, autocast, root):
+    path = os.path.join(root, f"mc_{len(ids)}")
+    shutil.rmtree(path, ignore_errors=True)
+    reset_mem(device)
+    s = MemorySession(model, W=args.W, path=path, model_id="bench", autocast=autocast)
+    try:
+        t0 = time.perf_counter()
+        s.ingest(ids)
+        synchronize(device.type)
+        ingest_s = time.perf_counter() - t0
+        s.refocus()
+        t0 = time.perf_counter()
+        s.logits()  # prefill the window
+        synchronize(device.type)
+        prefill_s = time.perf_counter() - t0
+        c0 = dict(s.counters)
+        t0 = time.perf_counter()
+        for _ in s.generate(args.steps, temperature=1.0, top_k=50, seed=0):
+            pass
+        synchronize(device.type)
+        dt = time.perf_counter() - t0
+        c = {k: s.counters[k] - c0[k] for k in ("recomputed", "reused", "refocus_calls", "refocus_ms", "edits")}
+        return {"tok_per_s": round(args.steps / dt, 2), "ms_per_tok": round(dt / args.steps * 1e3, 3),
+                "mem_mb": round(mem_mb(device), 1), "ingest_tok_per_s": round(len(ids) / ingest_s, 1),
+                "prefill_ms": round(prefill_s * 1e3, 2), "entries": len(s), "per_level": s.wc.level_counts().tolist(),
+                "recomputed_per_tok": round(c["recomputed"] / args.steps, 2), "refocus_calls": c["refocus_calls"],
+                "refocus_ms_mean": round(c["refocus_ms"] / max(1, c["refocus_calls"]), 3),
+                "edits_per_refocus": round(c["edits"] / max(1, c["refocus_calls"]), 2)}
+    finally:
+        s.close()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def bench_full(model, ids, args, device, autocast):
+    if len(ids) > args.max_full:
+        return "skipped"
+    reset_mem(device)
+    engine = Engine(model, autocast=autocast)
+    try:
+        cache = engine.new_cache(1, len(ids) + args.steps)
+        logits = engine.prefill(torch.from_numpy(ids)[None].to(device), cache)
+        synchronize(device.type)
+        rng = torch.Generator(device=device).manual_seed(0)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            nxt = sample_next(logits, rng, 1.0, 50)
+            int(nxt[0, 0])  # the host needs every token, as in generate()
+            logits = engine._fwd(nxt, kv_cache=cache)[:, -1]
+        synchronize(device.type)
+        dt = time.perf_counter() - t0
+        return {"tok_per_s": round(args.steps / dt, 2), "ms_per_tok": round(dt / args.steps * 1e3, 3),
+                "mem_mb": round(mem_mb(device), 1)}
+    except (torch.cuda.OutOfMemoryError, MemoryError):
+        return "oom"
+    finally:
+        cache = logits = None
+        reset_mem(device)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap.add_argument("--depth", type=int, default=12)
+    ap.add_argument("--width", type=int, default=0, help="n_embd (default depth * 64)")
+    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--W", type=int, default=1024)
+    ap.add_argument("--K", type=int, default=32)
+    ap.add_argument("--max-level", type=int, default=3, help="3 lets 1M tokens fit in W=1024 at K=32")
+    ap.add_argument("--pos-scheme", default="entry", choices=["entry", "gaussian"])
+    ap.add_argument("--histories", default="4096,32768,131072,1048576")
+    ap.add_argument("--steps", type=int, default=256)
+    ap.add_argument("--max-full", type=int, default=131072, help="longest history for full attention")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dir", default=None, help="where the MC tree goes (default: a temp dir, removed)")
+    args = ap.parse_args()
+    try:
+        histories = [int(h) for h in args.histories.split(",")]
+    except ValueError:
+        fail(f"--histories must be comma-separated integers, got {args.histories!r}")
+    if args.steps < 1 or min(histories) < 1:
+        fail("--steps and every history must be >= 1")
+    device = torch.device(args.device or autodetect_device_type())
+    width = args.width or args.depth * 64
+    cfg = GPTConfig(sequence_len=args.W, vocab_size=args.vocab, n_layer=args.depth, n_head=max(1, width // 64),
+                    n_kv_head=max(1, width // 64), n_embd=width, megacontext=True, mc_block_size=args.K,
+                    mc_max_level=args.max_level, pos_scheme=args.pos_scheme)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    model.init_weights()
+    with torch.no_grad():  # see the docstring: make refocus and the residual branches do something
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(std=0.02)
+        model.lensnet.head.weight.normal_(std=1.0)
+    model.eval()
+    autocast = autocast_ctx(device.type)
+    root = args.dir or tempfile.mkdtemp(prefix="bench_decode_")
+    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "torch_threads": torch.get_num_threads(), "config": {k: getattr(cfg, k) for k in
+           ("n_layer", "n_embd", "vocab_size", "mc_block_size", "mc_max_level", "pos_scheme")},
+           "W": args.W, "steps": args.steps, "mem": "peak_gpu_mb" if device.type == "cuda" else "rss_mb",
+           "results": []}
+    try:
+        rng = np.random.default_rng(0)
+        for h in histories:
+            ids = rng.integers(0, args.vocab, size=h, dtype=np.int64)
+            row = {"history": h, "mc": bench_mc(model, ids, args, device, autocast, root),
+                   "full": bench_full(model, ids, args, device, autocast)}
+            out["results"].append(row)
+    finally:
+        if args.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,196 @@
+"""
+Evaluate a MegaContext checkpoint: does focus remember? Prints one JSON object, writes it to
+<out>/mc_eval.json and saves PNG plots there.
+
+  python -m scripts.mc_eval --run mc --mults 4,16,64,256 --n 20
+
+- Passkey / multi-key NIAH accuracy by history length (mults x W) and needle depth, for the
+  policies in megacontext/evals.py (lens, recency, random, window, full). Eval examples come
+  from held-out seeds, phrasings and answer values (megacontext/tasks.py).
+- ΔNLL@H of substituting one LOD1 block (vs LOD0) and one LOD2 block (vs LOD1) on held-out text.
+- Loss vs distance: next-H-token NLL on held-out text as the history grows, per policy.
+"""
+import os
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nanochat.common import compute_init, print0, get_base_dir, main_guard, fail, atomic_write_json, autocast_ctx
+from nanochat.configurator import parse_config
+from nanochat.checkpoint_manager import load_checkpoint, build_model
+from nanochat.tokenizer import get_tokenizer
+from nanochat.dataset import documents_iter_batched
+from megacontext import tasks
+from megacontext.evals import eval_example, substitution_dnll
+
+
+@dataclass
+class EvalConfig:
+    run: str = "mc"
+    ckpt_dir: str = ""
+    out: str = ""
+    data: str = "bundled"            # held-out text for filler / ΔNLL / loss-vs-distance
+    W: int = 0                       # 0: the budget the checkpoint was trained with
+    mults: str = "4,16,64,256"       # history lengths as multiples of W
+    tasks: str = "passkey,multikey"
+    n: int = 20                      # examples per (task, length)
+    policies: str = "lens,recency,random,window,full"
+    rounds: int = 8                  # refocus rounds for lens/random
+    full_max: int = 0                # longest history for full attention (0: the model's sequence_len)
+    dnll_n: int = 8
+    H: int = 64
+    device: str = ""
+    seed: int = 0
+
+
+def held_out_tokens(tokenizer, source, max_tokens=400_000):
+    toks = []
+    for batch in documents_iter_batched(source, "val"):
+        for doc in batch:
+            toks.extend(tokenizer.encode(doc, prepend=tokenizer.get_bos_token_id()))
+        if len(toks) >= max_tokens:
+            break
+    return np.asarray(toks[:max_tokens], dtype=np.int64)
+
+
+def plot(results, out_dir, W):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    for task, by_len in results["accuracy"].items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        lens = sorted(int(k) for k in by_len)
+        pols = sorted({p for v in by_len.values() for p in v})
+        for p in pols:
+            xs = [L for L in lens if p in by_len[str(L)]]
+            ax.plot(xs, [by_len[str(L)][p] for L in xs], marker="o", label=p)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"history length (tokens); W = {W} entries")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"{task}: accuracy vs history length")
+        ax.legend()
+        p = os.path.join(out_dir, f"acc_{task}.png")
+        fig.tight_layout()
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+    lvd = results.get("loss_vs_distance")
+    if lvd:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for pol, pts in lvd.items():
+            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=pol)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("history length (tokens)")
+        ax.set_ylabel(f"NLL of the next {results['config']['H']} tokens (nats)")
+        ax.legend()
+        p = os.path.join(out_dir, "loss_vs_distance.png")
+        fig.tight_layout()
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def main():
+    cfg = parse_config(EvalConfig, section="mc_eval")
+    _, rank, _, _, device = compute_init(cfg.device or None, cfg.seed)
+    run_dir = cfg.ckpt_dir or os.path.join(get_base_dir(), "runs", cfg.run)
+    ckpt = load_checkpoint(run_dir, device=device)
+    tokenizer = get_tokenizer()
+    model = build_model(ckpt, device, tokenizer)
+    model.eval()
+    if not model.config.megacontext:
+        fail(f"checkpoint in {run_dir} is not a MegaContext model (train with --megacontext)")
+    tc = ckpt.get("train_config") or {}
+    W = cfg.W or tc.get("mc_W", 512)
+    full_max = cfg.full_max or model.config.sequence_len
+    policies = cfg.policies.split(",")
+    task_names = cfg.tasks.split(",")
+    for t in task_names:
+        if t not in tasks.TASKS:
+            fail(f"unknown task {t!r} (choose from {', '.join(tasks.TASKS)})")
+    mults = [int(m) for m in cfg.mults.split(",")]
+    out_dir = cfg.out or os.path.join(run_dir, "mc_eval")
+    os.makedirs(out_dir, exist_ok=True)
+    autocast = autocast_ctx(device.type)
+    val = held_out_tokens(tokenizer, cfg.data)
+    filler = tasks.make_text_filler(val)
+    rng = np.random.default_rng(cfg.seed)
+    t0 = time.time()
+
+    acc, by_depth = {}, {}
+    for task in task_names:
+        acc[task], by_depth[task] = {}, {}
+        for m in mults:
+            L = m * W
+            hits = {p: [] for p in policies}
+            depth_hits = {}
+            for i in range(cfg.n):
+                erng = tasks.task_rng("eval", 100_000 * mults.index(m) + 1000 * task_names.index(task) + i)
+                depth = (i + 0.5) / cfg.n
+                kw = {"depth": depth} if task == "passkey" else {}
+                ex = tasks.make_example(task, erng, L, filler, tokenizer.encode, fmt=tasks.EVAL_FMTS[0],
+                                        split="eval", **kw)
+                N = ex["answer_start"]
+                cont = ex["ids"][N:]
+                with autocast:
+                    r = eval_example(model, ex["ids"], N, cont, W, policies, cfg.rounds, rng, full_max)
+                for p, v in r.items():
+                    hits[p].append(v["correct"])
+                    depth_hits.setdefault(p, {}).setdefault(round(depth, 2), []).append(v["correct"])
+            acc[task][str(L)] = {p: float(np.mean(h)) for p, h in hits.items() if h}
+            by_depth[task][str(L)] = {p: {d: float(np.mean(v)) for d, v in dd.items()} for p, dd in depth_hits.items()}
+            print0(f"{task} @ {L} tokens ({m}x W): " + ", ".join(f"{p} {a:.2f}" for p, a in acc[task][str(L)].items()))
+
+    # ΔNLL@H of substitution, on held-out text
+    dnll = {}
+    for level in range(1, model.config.mc_max_level + 1):
+        need = model.config.mc_block_size ** level * 2 + 2 * model.config.mc_block_size
+        N = min(max(need, 2 * W), len(val) - cfg.H - 1)
+        vals = []
+        for j in range(cfg.dnll_n):
+            s = int(rng.integers(0, len(val) - N - cfg.H))
+            with autocast:
+                d, _ = substitution_dnll(model, val[s:s + N + cfg.H], N, cfg.H, level, n_blocks=4, rng=rng)
+            vals.append(d)
+        dnll[f"lod{level}"] = float(np.nanmean(vals))
+    print0(f"ΔNLL@{cfg.H} (nats/token) of substituting one block: {dnll}")
+
+    # loss vs distance on held-out text
+    lvd = {p: [] for p in policies}
+    for m in [1, 2, 4, 8, 16, 32]:
+        N = m * W
+        if N + cfg.H >= len(val):
+            break
+        per = {p: [] for p in policies}
+        for j in range(4):
+            s = int(rng.integers(0, len(val) - N - cfg.H))
+            seg = val[s:s + N + cfg.H]
+            with autocast:
+                r = eval_example(model, seg, N, seg[N:N + cfg.H], W, policies, cfg.rounds, rng, full_max)
+            for p, v in r.items():
+                per[p].append(v["nll"])
+        for p, v in per.items():
+            if v:
+                lvd[p].append((N, float(np.mean(v))))
+    lvd = {p: v for p, v in lvd.items() if v}
+
+    results = {"config": {**cfg.__dict__, "W": W, "full_max": full_max, "run_dir": run_dir,
+                          "pos_scheme": model.config.pos_scheme, "device": str(device)},
+               "accuracy": acc, "accuracy_by_depth": by_depth, "dnll": dnll, "loss_vs_distance": lvd,
+               "eval_seconds": round(time.time() - t0, 1)}
+    results["plots"] = plot(results, out_dir, W)
+    atomic_write_json(os.path.join(out_dir, "mc_eval.json"), results)
+    print0(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,263 @@
+"""
+Decode engine: the MemorySession KV cache is exact (cached logits == a from-scratch forward over
+the same working context, fp32, atol 1e-4) through appends, collapses, refocus edits and direct
+WC edits, for both position schemes; the cache is really reused (an append recomputes 1 entry,
+an edit at j recomputes len - j); memory compresses from the first token past W; persistence
+round-trips; a plain model works through the same API; generate() refocuses every K tokens;
+chat_cli runs end to end on a tiny checkpoint.
+"""
+import os
+import sys
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from nanochat.common import UserError
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.engine import Engine, MemorySession, compute_model_id
+
+ATOL = 1e-4  # fp32 on CPU: cached vs from-scratch logits differ only by summation order
+K, W, V = 4, 32, 96
+
+
+def make_model(mc=True, scheme="entry", seed=0, vocab=V, seq=64):
+    torch.manual_seed(seed)
+    cfg = GPTConfig(sequence_len=seq, vocab_size=vocab, n_layer=2, n_head=1, n_kv_head=1, n_embd=64,
+                    megacontext=mc, mc_block_size=K, mc_max_level=3, gist_layers=1, lens_layers=1, pos_scheme=scheme)
+    model = GPT(cfg)
+    model.init_weights()
+    with torch.no_grad():  # zero-init output projections, lod_emb and LensNet head would hide bugs
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(std=0.2)
+        if mc:
+            model.lensnet.head.weight.normal_(std=2.0)
+    return model.eval()
+
+
+@torch.no_grad()
+def reference_logits(s):
+    """From scratch, entry by entry: the working context -> entry_embeddings -> one forward."""
+    m, wc, tree = s.model, s.wc, s.tree
+    lv, ix = wc.levels, wc.indices
+    tok, gists = np.zeros(len(lv), np.int64), torch.zeros(len(lv), m.config.n_embd)
+    for j, (l, i) in enumerate(zip(lv.tolist(), ix.tolist())):
+        if l == 0:
+            tok[j] = int(tree.tokens(i, i + 1)[0])
+        else:
+            gists[j] = tree.gists(l, i, i + 1)[0]
+    emb = m.entry_embeddings(torch.from_numpy(lv)[None], torch.from_numpy(tok)[None], gists[None])
+    if m.config.pos_scheme == "gaussian":
+        pos, sigma = (torch.from_numpy(a)[None] for a in wc.positions("gaussian"))
+    else:
+        pos, sigma = torch.arange(len(lv))[None], None
+    return m(embeds=emb, pos=pos, sigma=sigma)[0, -1]
+
+
+def check(s):
+    s.wc.validate()
+    assert len(s.wc) <= s.W
+    torch.testing.assert_close(s.logits(), reference_logits(s), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("scheme", ["entry", "gaussian"])
+def test_cache_exact_through_appends_and_edits(scheme):
+    rng = np.random.default_rng(1)
+    s = MemorySession(make_model(scheme=scheme), W=W)
+    s.ingest(rng.integers(0, V, 20))
+    check(s)
+    assert s.last_recomputed == 20
+    s.ingest([5])
+    check(s)
+    assert s.last_recomputed == 1                            # a plain append reuses the cache
+    before = s.logits().clone()
+    s.ingest(rng.integers(0, V, 300))                         # a prompt far longer than W
+    check(s)
+    assert (s.logits() - before).abs().max() > 1e-2          # the test can see a wrong context
+    edits = 0
+    for _ in range(3):                                       # refocus edits, then appends
+        tel = s.refocus()
+        edits += tel["expanded"] + tel["collapsed"]
+        check(s)
+        assert s.last_recomputed == len(s.wc) - tel["first_changed"] or tel["first_changed"] == len(s.wc)
+        for _ in range(2):
+            s.ingest(rng.integers(0, V, 1))
+            check(s)
+    assert edits > 0
+    # direct WC edits: collapse the newest legal group, then expand the newest gist that fits
+    g = int(s.wc.collapse_groups()[-1])
+    j = s.wc.apply(collapse=[g])
+    check(s)
+    assert j == g and s.last_recomputed == len(s.wc) - j
+    e = int(np.flatnonzero(s.wc.levels >= 1)[-1])
+    assert s.wc.expand(e) == e
+    check(s)
+    assert s.last_recomputed == len(s.wc) - e
+    check(s)
+    assert s.last_recomputed == 0                            # nothing changed: nothing recomputed
+
+
+def test_compresses_from_first_token_past_W():
+    s = MemorySession(make_model(), W=W)
+    s.ingest(np.arange(W) % V)
+    assert len(s.wc) == W and s.wc.level_counts()[0] == W
+    s.logits()
+    tel = s.ingest([1])                                       # token W + 1: must compress now
+    assert len(s.wc) <= W and s.wc.level_counts()[1:].sum() > 0
+    assert s.logits() is not None and s.last_recomputed == len(s.wc) - tel["first_changed"]
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 40, 1, 200, 7):
+        s.ingest(rng.integers(0, V, n))
+        s.wc.validate()
+        assert len(s.wc) <= W
+    assert s.num_tokens > 8 * W
+    check(s)
+    st = s.stats()
+    assert st["tokens"] == s.num_tokens and st["entries"] <= W and st["compression"] > 8
+
+
+def test_memory_full_and_bad_ids_are_user_errors():
+    s = MemorySession(make_model(), W=12)
+    s.ingest(np.zeros(40, np.int64))
+    wc = s.wc.copy()
+    with pytest.raises(UserError, match="memory full"):
+        s.ingest(np.zeros(10_000, np.int64))
+    assert s.wc == wc and s.tree.num_tokens == 40             # nothing changed
+    with pytest.raises(UserError, match="token ids"):
+        s.ingest([V])
+
+
+def test_generate_refocuses_every_K_tokens():
+    s = MemorySession(make_model(), W=W)
+    s.ingest(np.random.default_rng(0).integers(0, V, 100))
+    out = list(s.generate(3 * K, temperature=0.0))
+    assert len(out) == 3 * K and s.num_tokens == 100 + 3 * K
+    assert [i for i, (_, tel) in enumerate(out) if tel is not None] == [K - 1, 2 * K - 1, 3 * K - 1]
+    assert all({"expanded", "collapsed", "first_changed", "ms"} <= set(tel) for _, tel in out if tel)
+    assert s.tree.tokens(100, 100 + 3 * K).tolist() == [t for t, _ in out]
+    first = out[0][0]
+    s2 = MemorySession(make_model(), W=W)
+    s2.ingest(np.random.default_rng(0).integers(0, V, 100))
+    assert [t for t, _ in s2.generate(10, temperature=0.0, stop_tokens=(first,))] == [first]
+    check(s)
+
+
+def test_persistence_roundtrip(tmp_path):
+    model = make_model()
+    path = str(tmp_path / "mem")
+    s = MemorySession(model, W=W, path=path)
+    s.ingest(np.random.default_rng(0).integers(0, V, 400))
+    s.refocus()
+    wc, logits = s.wc.copy(), s.logits().clone()
+    with pytest.raises(UserError, match="already open"):
+        MemorySession.open(model, path)
+    s.save()
+    s.close()
+    with pytest.raises(UserError, match="already holds a memory"):
+        MemorySession(model, W=W, path=path)
+    s = MemorySession.open(model, path)
+    assert s.wc == wc and s.num_tokens == 400
+    torch.testing.assert_close(s.logits(), logits, atol=ATOL, rtol=0)
+    assert s.last_recomputed == len(wc)
+    s.ingest([1, 2, 3])
+    check(s)
+    s.close()
+    with pytest.raises(UserError, match="not by this one"):
+        MemorySession.open(make_model(seed=1), path)
+    with pytest.raises(UserError, match="no memory"):
+        MemorySession.open(model, str(tmp_path / "nothing"))
+
+
+def test_model_id_is_stable_and_short():
+    a, b = compute_model_id(make_model()), compute_model_id(make_model())
+    assert a == b and len(a.encode()) <= 32
+    assert compute_model_id(make_model(seed=1)) != a
+    assert compute_model_id(make_model(scheme="gaussian")) != a
+
+
+def test_plain_model_same_api(tmp_path):
+    model = make_model(mc=False, seq=32)
+    path = str(tmp_path / "plain")
+    s = MemorySession(model, path=path)
+    ids = np.random.default_rng(0).integers(0, V, 20)
+    s.ingest(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(s.logits(), model(torch.from_numpy(ids)[None])[0, -1], atol=ATOL, rtol=0)
+    s.ingest([3])
+    s.logits()
+    assert s.last_recomputed == 1
+    s.ingest(np.random.default_rng(1).integers(0, V, 30))    # past sequence_len: the window slides
+    assert len(s) <= 32 and s.num_tokens == 51
+    toks = list(s.tokens)[s.w0:]
+    with torch.no_grad():
+        torch.testing.assert_close(s.logits(), model(torch.tensor([toks]))[0, -1], atol=ATOL, rtol=0)
+    gen = list(s.generate(12, temperature=0.0))
+    assert len(gen) == 12 and all(tel is None for _, tel in gen) and s.num_tokens == 63
+    assert s.refocus()["expanded"] == 0 and s.focus_map()[0]["level"] == 0
+    logits = s.logits().clone()
+    s.close()
+    s = MemorySession.open(model, path)
+    assert s.num_tokens == 63
+    torch.testing.assert_close(s.logits(), logits, atol=ATOL, rtol=0)
+    s.close()
+
+
+def test_focus_map_covers_the_timeline():
+    s = MemorySession(make_model(), W=W)
+    s.ingest(np.random.default_rng(0).integers(0, V, 300))
+    s.refocus()
+    fm = s.focus_map()
+    assert fm[0]["start"] == 0 and fm[-1]["end"] == 300 and fm[-1]["level"] == 0
+    assert all(a["end"] == b["start"] and a["level"] != b["level"] for a, b in zip(fm, fm[1:]))
+    assert sum(r["entries"] for r in fm) == len(s.wc)
+
+
+def test_plain_engine_prefill_matches_forward():
+    model = make_model(mc=False)
+    ids = torch.randint(0, V, (1, 30))
+    eng = Engine(model)
+    eng.prefill_chunk = 7   # chunked prefill must equal one forward
+    with torch.no_grad():
+        ref = model(ids)[0, -1]
+    torch.testing.assert_close(eng.prefill(ids, eng.new_cache(1, 30))[0], ref, atol=ATOL, rtol=0)
+    out = eng.generate_batch(ids[0].tolist(), max_tokens=5, temperature=0.0)[0]
+    seq = ids[0].tolist()
+    for _ in range(5):
+        with torch.no_grad():
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert out == seq[30:]
+
+
+def test_chat_cli_one_shot(tiny_tokenizer, tmp_path, monkeypatch, capsys):
+    from nanochat.checkpoint_manager import save_checkpoint
+    from nanochat.common import main_guard
+    from scripts import chat_cli
+    model = make_model(vocab=tiny_tokenizer.get_vocab_size(), seq=64)
+    run = str(tmp_path / "run")
+    save_checkpoint(run, 0, model)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The passkey is 7312. " * 40)
+    base = os.path.dirname(tiny_tokenizer.directory)
+    args = ["--ckpt-dir", run, "--prompt", "What is the passkey?", "--max-tokens", "8", "--device", "cpu",
+            "--W", "48", "--memory", str(tmp_path / "mem")]
+    # a real `python -m` run: load a document, answer, persist the memory
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "scripts.chat_cli"] + args + ["--load-file", str(doc)], cwd=root,
+                       env=dict(os.environ, NANOCHAT_BASE_DIR=base), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "ingesting" in r.stderr and "[memory]" in r.stderr and r.stdout.strip()
+    # in-process (faster): the memory reopens and grows; a bad checkpoint dir is a clean error
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", base)
+    monkeypatch.setattr(sys, "argv", ["chat_cli"] + args)
+    main_guard(chat_cli.main)
+    err = capsys.readouterr().err
+    assert "reopened" in err
+    s = MemorySession.open(model, str(tmp_path / "mem"))
+    assert s.num_tokens > 200 and len(s) <= 48
+    s.close()
+    monkeypatch.setattr(sys, "argv", ["chat_cli", "--ckpt-dir", str(tmp_path / "nope"), "--prompt", "x"])
+    with pytest.raises(SystemExit) as e:
+        main_guard(chat_cli.main)
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: no checkpoint")
