@@ -84,6 +84,8 @@ class TrainConfig:
     device_batch_size: int = 32
     total_batch_size: int = 524288    # tokens per optimizer step, across ranks (grad accumulation fills the gap)
     num_iterations: int = -1          # -1: derived from target_param_data_ratio
+    time_budget_min: float = -1.0     # > 0: stop after this many minutes of training; the LR schedule
+                                      # follows max(step / num_iterations, elapsed / budget)
     target_param_data_ratio: float = 20.0
     # optimisation
     matrix_lr: float = 0.02
@@ -261,8 +263,21 @@ def main():
         x, y = None, None
     else:
         x, y = next(loader_iter)
+    t_start, out_of_time = time.time(), False
+
+    def progress_step():
+        """The step the LR schedule sees: with a time budget, wall time can move it ahead."""
+        if cfg.time_budget_min <= 0:
+            return step
+        frac = (time.time() - t_start) / (60 * cfg.time_budget_min)
+        if ddp:  # every rank must follow rank 0's clock, or they would stop at different steps
+            t = torch.tensor([frac], device=device)
+            dist.broadcast(t, 0)
+            frac = t.item()
+        return max(step, min(num_iterations, round(frac * num_iterations)))
+
     while True:
-        last = step == num_iterations
+        last = step == num_iterations or out_of_time
         if cfg.eval_every > 0 and (last or step % cfg.eval_every == 0):
             val_bpb = evaluate()
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
@@ -299,7 +314,9 @@ def main():
                 loader_state = train_loader.state_dict()  # where the prefetched batch starts: a resume re-reads it
                 x, y = next(loader_iter)
         grad_norm = torch.nn.utils.clip_grad_norm_(orig_model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-        lrm = get_lr_multiplier(step, num_iterations, cfg)
+        it = progress_step()
+        out_of_time = it >= num_iterations
+        lrm = get_lr_multiplier(it, num_iterations, cfg)
         for opt in optimizers:
             for g in opt.param_groups:
                 g["lr"] = g["initial_lr"] * lrm
@@ -314,7 +331,7 @@ def main():
         if step - start_step > 10:
             total_time += dt  # skip the first steps (compile, warm-up)
 
-        if step % cfg.log_every == 0 or step == num_iterations:
+        if step % cfg.log_every == 0 or step == num_iterations or out_of_time:
             lossf = train_loss.item()
             smooth_loss, n_logged = 0.9 * smooth_loss + 0.1 * lossf, n_logged + 1
             debiased = smooth_loss / (1 - 0.9 ** n_logged)
@@ -322,6 +339,8 @@ def main():
             mfu = 100 * flops_per_token * tok_s / (peak * world_size) if peak else float("nan")
             done_steps = max(1, step - start_step - 10)
             eta = (num_iterations - step) * (total_time / done_steps if total_time else dt)
+            if cfg.time_budget_min > 0:
+                eta = min(eta, max(0.0, 60 * cfg.time_budget_min - (time.time() - t_start)))
             gn = f" | gnorm {grad_norm.item():.3f}" if grad_norm is not None else ""
             print0(f"step {step:05d}/{num_iterations} | loss {debiased:.4f}{gn} | lrm {lrm:.2f} | "
                    f"dt {dt * 1000:.0f}ms | tok/s {tok_s:,.0f} | mfu {mfu:.1f}% | eta {eta / 60:.1f}m")
@@ -334,7 +353,7 @@ def main():
                  **{f"mc/{k}": v for k, v in rec.items() if k not in ("step", "loss")}})
 
     if master:
-        summary = {"run": cfg.run, "steps": num_iterations, "val_bpb": val_bpb, "num_params": num_params,
+        summary = {"run": cfg.run, "steps": step, "val_bpb": val_bpb, "num_params": num_params,
                    "train_time_s": total_time, "world_size": world_size, "device": device.type}
         atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
         print0(json.dumps(summary))

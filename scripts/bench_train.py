@@ -4,6 +4,11 @@ for a given depth and batch, on random tokens. Prints one JSON object.
 
   python -m scripts.bench_train --depth 20 --batch 32 --seq 2048
   torchrun --standalone --nproc_per_node=2 -m scripts.bench_train --depth 20   # weak scaling
+  python -m scripts.bench_train --depth 8 --batch 8 --megacontext --mc-context-len 16384 --mc-W 512
+
+With --megacontext the same process also times the MegaContext training step (MCStep: tree with
+gradients + full-detail loss + packed working-context rows + LensNet) on the same model, and
+reports MC tokens/s (context tokens per second) next to the plain path's and their ratio.
 
 MFU counts the model's FLOPs/token (6N + attention, nanochat's estimate) against the GPU's bf16
 dense peak (989 TFLOP/s for H100/H200 SXM).
@@ -33,13 +38,24 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--compile", type=int, default=1)
     ap.add_argument("--device", default="")
+    ap.add_argument("--megacontext", action="store_true", help="also time the MC step; report the ratio")
+    ap.add_argument("--mc-context-len", type=int, default=16384)
+    ap.add_argument("--mc-W", type=int, default=512)
+    ap.add_argument("--mc-H", type=int, default=64)
+    ap.add_argument("--mc-block-size", type=int, default=32)
+    ap.add_argument("--mc-max-level", type=int, default=2)
+    ap.add_argument("--mc-random-wcs", type=int, default=2)
+    ap.add_argument("--mc-probes", type=int, default=4)
     args = ap.parse_args()
+    if args.megacontext and args.mc_context_len % args.seq:
+        raise SystemExit("error: --mc-context-len must be a multiple of --seq")
 
     ddp, rank, local_rank, world, device = compute_init(args.device or None)
     n_embd = args.depth * args.aspect_ratio
     n_head = max(1, n_embd // args.head_dim)
     cfg = GPTConfig(sequence_len=args.seq, vocab_size=args.vocab, n_layer=args.depth, n_head=n_head,
-                    n_kv_head=n_head, n_embd=n_embd)
+                    n_kv_head=n_head, n_embd=n_embd, megacontext=args.megacontext,
+                    mc_block_size=args.mc_block_size, mc_max_level=args.mc_max_level)
     with torch.device("meta"):
         model = GPT(cfg)
     model.to_empty(device=device)
@@ -55,26 +71,33 @@ def main():
     x = torch.randint(0, args.vocab, (args.batch, args.seq), device=device, generator=g)
     y = torch.randint(0, args.vocab, (args.batch, args.seq), device=device, generator=g)
 
-    def step():
+    def step(fwd, *inputs):
         with autocast:
-            loss = model(x, y)
+            loss = fwd(*inputs)
+            loss = loss[0] if isinstance(loss, tuple) else loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
         for o in opts:
             o.step()
-        model.zero_grad(set_to_none=True)
+        raw.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(args.warmup):
-        step()
-    synchronize(device.type)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
-    for _ in range(args.steps):
-        step()
-    synchronize(device.type)
-    dt = (time.time() - t0) / args.steps
+    def timed(fwd, make_inputs):
+        for i in range(args.warmup):
+            step(fwd, *make_inputs(i))
+        synchronize(device.type)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        inputs = [make_inputs(i) for i in range(args.steps)]  # CPU-side prep is not timed (training prefetches it)
+        synchronize(device.type)
+        t0 = time.time()
+        for inp in inputs:
+            step(fwd, *inp)
+        synchronize(device.type)
+        mem = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+        return (time.time() - t0) / args.steps, mem
+
+    dt, peak_mem = timed(model, lambda i: (x, y))
     tok_s = args.batch * args.seq * world / dt
     flops = raw.estimate_flops(args.seq)
     peak = peak_flops(device)
@@ -84,11 +107,43 @@ def main():
         "seq": args.seq, "vocab": args.vocab, "params": raw.num_params(), "flops_per_token": flops,
         "step_ms": round(dt * 1000, 2), "tok_per_s": round(tok_s), "tok_per_s_per_gpu": round(tok_s / world),
         "mfu": round(100 * flops * tok_s / (peak * world), 2) if peak else None,
-        "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        "peak_mem_gb": peak_mem,
         "compiled": bool(args.compile and device.type == "cuda"), "torch": torch.__version__,
     }
+    if args.megacontext:
+        out["mc"] = bench_mc_step(args, raw, step, timed, device, rank, ddp, local_rank, world)
+        out["mc_over_plain_tok_per_s"] = round(out["mc"]["tok_per_s"] / out["tok_per_s"], 3)
     print0(json.dumps(out))
     compute_cleanup()
+
+
+def bench_mc_step(args, raw, step, timed, device, rank, ddp, local_rank, world):
+    """Times MCStep on the same model: B = --batch // (mc_context_len / seq) contexts, so that a
+    step sees the same number of context tokens as a plain step."""
+    import numpy as np
+    from megacontext.mctrain import MCStep, make_plan
+    B = max(1, args.batch * args.seq // args.mc_context_len)
+    T = args.mc_context_len
+    if args.compile and device.type == "cuda":  # as scripts/base_train.py does
+        raw.gistnet.forward = torch.compile(raw.gistnet.forward, dynamic=False)
+        raw.lensnet.forward = torch.compile(raw.lensnet.forward, dynamic=False)
+    mc = MCStep(raw, args.mc_W, args.mc_H, args.mc_random_wcs, args.mc_probes)
+    fwd = DDP(mc, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else mc
+    rng = np.random.default_rng(rank)
+    gen = torch.Generator(device=device).manual_seed(rank)
+    N = np.full(B, T - args.mc_H, np.int64)
+
+    def make_inputs(i):
+        ids = torch.from_numpy(rng.integers(0, args.vocab, (B, T))).to(device)
+        plan = make_plan(N, T, args.mc_block_size, args.mc_W, args.mc_H, args.mc_max_level, args.mc_random_wcs, rng)
+        plan = {k: torch.from_numpy(v).to(device) for k, v in plan.items()}
+        return ids, torch.from_numpy(N).to(device), plan, None, None, gen
+
+    dt, mem = timed(fwd, make_inputs)
+    rows = B * (1 + args.mc_random_wcs + 1 + args.mc_probes)
+    return {"contexts": B, "context_len": T, "W": args.mc_W, "H": args.mc_H, "rows_per_step": rows,
+            "row_tokens_per_step": rows * (args.mc_W + args.mc_H - 1), "step_ms": round(dt * 1000, 2),
+            "tok_per_s": round(B * T * world / dt), "peak_mem_gb": mem}
 
 
 if __name__ == "__main__":
