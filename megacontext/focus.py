@@ -165,6 +165,27 @@ def sample_working_contexts(N, K, W, max_level, n, rng, tail=None):
     return out
 
 
+def focus_on(wc, pos, level=0):
+    """Expand the entries covering token `pos` until it sits at `level` or finer, collapsing the
+    legal groups farthest from it when the budget is short. In place; returns wc. Training uses
+    it to show the model (and LensNet's probes) windows that hold a task's needle in detail."""
+    K = wc.K
+    while True:
+        j = int(np.searchsorted(wc.starts, pos, side="right") - 1)
+        if wc.levels[j] <= level:
+            return wc
+        while len(wc) + K - 1 > wc.W:
+            g = wc.collapse_groups()
+            end = wc.starts[g + K - 1] + wc.widths[g + K - 1]
+            g = g[(end <= pos) | (wc.starts[g] > pos)]
+            if len(g) == 0:
+                raise ValueError(f"cannot make room to focus on token {pos}")
+            dist = np.minimum(np.abs(wc.starts[g] - pos), np.abs(wc.starts[g + K - 1] - pos))
+            wc.apply(collapse=[int(g[np.argmax(dist)])])
+            j = int(np.searchsorted(wc.starts, pos, side="right") - 1)
+        wc.apply(expand=[j])
+
+
 def pack_working_contexts(wcs, W):
     """(n, W) arrays for batched gathers: levels (pad -1), indices/starts/widths (pad 0), lengths."""
     lengths = np.array([len(w) for w in wcs], dtype=np.int64)

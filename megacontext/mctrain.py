@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megacontext.working_context import WorkingContext
-from megacontext.focus import sample_working_contexts, pack_working_contexts
+from megacontext.focus import sample_working_contexts, pack_working_contexts, focus_on
 from nanochat.gpt import lens_features
 
 
@@ -49,14 +49,24 @@ def make_plan(N, T, K, W, H, max_level, n_random, rng, needle_pos=None, tail=Non
     B = len(N)
     rows, bases, oracle = [], [], np.full(B, -1, np.int64)
     for b in range(B):
-        rows += sample_working_contexts(int(N[b]), K, W, max_level, 1 + n_random, rng, tail)
+        has_needle = needle_pos is not None and needle_pos[b] >= 0
+        wcs = sample_working_contexts(int(N[b]), K, W, max_level, 1 + n_random, rng, tail)
+        if has_needle and n_random >= 1:
+            # a task row: its last random window holds the needle at LOD0, so the model learns to
+            # read an answer from a focused window (what LensNet + the allocator will hand it)
+            focus_on(wcs[-1], int(needle_pos[b]), 0)
+        rows += wcs
         Wb = W - (K - 1)
         if rng.random() < 0.5:
             base = WorkingContext.recency(int(N[b]), K, Wb, max_level, tail)
         else:
             base = sample_working_contexts(int(N[b]), K, Wb, max_level, 2, rng, tail)[1]
+        if has_needle and rng.random() < 0.5:
+            # half the task bases hold the needle in a LOD1 gist: expanding that gist (the oracle
+            # probe) reveals it, which teaches LensNet to find needles one level up
+            focus_on(base, int(needle_pos[b]), 1)
         bases.append(base)
-        if needle_pos is not None and needle_pos[b] >= 0:
+        if has_needle:
             j = np.searchsorted(base.starts, needle_pos[b], side="right") - 1
             if base.levels[j] >= 1:
                 oracle[b] = j
@@ -94,12 +104,14 @@ def rows_to_inputs(levels, indices, lengths, sample, N, ids, H, K, offs, T_tab, 
     ln = lengths[:, None]
     n = N[sample][:, None]
     is_ent = p < ln
-    is_hor = (p >= ln) & (p < ln + H - 1)
+    hor_tok = n + (p - ln)                                   # token index of a horizon input
+    # a row cut near the end of its context (a task answer shorter than H) has fewer horizon
+    # inputs: past the last token they are padding, not rows of the next level's table
+    is_hor = (p >= ln) & (p < ln + H - 1) & (hor_tok < ids.size(1))
     pc = p.clamp(max=L - 1).expand(R, -1)
     lv_e, ix_e = levels.gather(1, pc), indices.gather(1, pc)
     lv_e = lv_e.clamp(min=0)
     off = torch.tensor(offs, device=dev)[lv_e]
-    hor_tok = n + (p - ln)                                   # token index of a horizon input
     base = sample[:, None] * T_tab
     src = base + torch.where(is_ent, off + ix_e, torch.where(is_hor, hor_tok, 0))
     lvl = torch.where(is_ent, lv_e, torch.where(is_hor, 0, -1))
@@ -186,7 +198,8 @@ class MCStep(nn.Module):
         gum = torch.rand(B, Wb, self.n_probe - 1, device=dev, generator=rng_probe)
         rand_pick = gum.masked_fill(~legal[..., None], -1.0).argmax(1)        # (B, n_probe-1)
         oracle = plan["oracle"]
-        rand_pick[:, 0] = torch.where(oracle >= 0, oracle, rand_pick[:, 0])
+        if self.n_probe > 1:   # n_probe = 1: LensNet's own pick only, no random or oracle probe
+            rand_pick[:, 0] = torch.where(oracle >= 0, oracle, rand_pick[:, 0])
         probes = torch.cat([pick_top[:, None], rand_pick], 1)                   # (B, P)
         P = probes.size(1)
         pl, pi, plen = expand_rows(bl.repeat_interleave(P, 0), bi.repeat_interleave(P, 0),

@@ -125,6 +125,7 @@ def bench_mc_step(args, raw, step, timed, device, rank, ddp, local_rank, world):
     B = max(1, args.batch * args.seq // args.mc_context_len)
     T = args.mc_context_len
     if args.compile and device.type == "cuda":  # as scripts/base_train.py does
+        raw.forward = torch.compile(raw.forward, dynamic=False)
         raw.gistnet.forward = torch.compile(raw.gistnet.forward, dynamic=False)
         raw.lensnet.forward = torch.compile(raw.lensnet.forward, dynamic=False)
     mc = MCStep(raw, args.mc_W, args.mc_H, args.mc_random_wcs, args.mc_probes)

@@ -41,6 +41,7 @@ class EvalConfig:
     rounds: int = 8                  # refocus rounds for lens/random
     full_max: int = 0                # longest history for full attention (0: the model's sequence_len)
     dnll_n: int = 8
+    replot: bool = False             # only redraw the plots from <out>/mc_eval.json (no model needed)
     H: int = 64
     device: str = ""
     seed: int = 0
@@ -103,6 +104,14 @@ def main():
     cfg = parse_config(EvalConfig, section="mc_eval")
     _, rank, _, _, device = compute_init(cfg.device or None, cfg.seed)
     run_dir = cfg.ckpt_dir or os.path.join(get_base_dir(), "runs", cfg.run)
+    if cfg.replot:
+        path = os.path.join(cfg.out or os.path.join(run_dir, "mc_eval"), "mc_eval.json")
+        if not os.path.exists(path):
+            fail(f"--replot: no results at {path}")
+        with open(path) as f:
+            res = json.load(f)
+        print0(json.dumps({"plots": plot(res, os.path.dirname(path), res["config"]["W"])}))
+        return
     ckpt = load_checkpoint(run_dir, device=device)
     tokenizer = get_tokenizer()
     model = build_model(ckpt, device, tokenizer)
@@ -148,7 +157,9 @@ def main():
                     depth_hits.setdefault(p, {}).setdefault(round(depth, 2), []).append(v["correct"])
             acc[task][str(L)] = {p: float(np.mean(h)) for p, h in hits.items() if h}
             by_depth[task][str(L)] = {p: {d: float(np.mean(v)) for d, v in dd.items()} for p, dd in depth_hits.items()}
-            print0(f"{task} @ {L} tokens ({m}x W): " + ", ".join(f"{p} {a:.2f}" for p, a in acc[task][str(L)].items()))
+            print0(f"{task} @ {L} tokens ({m}x W): " + ", ".join(f"{p} {a:.2f}" for p, a in acc[task][str(L)].items())
+                   + f"  [{time.time() - t0:.0f}s]")
+            atomic_write_json(os.path.join(out_dir, "mc_eval.partial.json"), {"accuracy": acc, "accuracy_by_depth": by_depth})
 
     # ΔNLL@H of substitution, on held-out text
     dnll = {}
@@ -162,7 +173,7 @@ def main():
                 d, _ = substitution_dnll(model, val[s:s + N + cfg.H], N, cfg.H, level, n_blocks=4, rng=rng)
             vals.append(d)
         dnll[f"lod{level}"] = float(np.nanmean(vals))
-    print0(f"ΔNLL@{cfg.H} (nats/token) of substituting one block: {dnll}")
+    print0(f"ΔNLL@{cfg.H} (nats/token) of substituting one block: {dnll}  [{time.time() - t0:.0f}s]")
 
     # loss vs distance on held-out text
     lvd = {p: [] for p in policies}
