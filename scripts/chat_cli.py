@@ -30,6 +30,8 @@ def reply(session, tok, ids, args):
     session.ingest(ids)
     session.refocus()
     end = tok.encode_special("<|assistant_end|>")
+    if args.raw:  # a plain continuation: nothing to close
+        end = tok.get_bos_token_id()
     stop = (end, tok.get_bos_token_id())
     out, printed = [], ""
     for t, _ in session.generate(args.max_tokens, args.temperature, args.top_k, args.seed, stop_tokens=stop):
@@ -41,7 +43,8 @@ def reply(session, tok, ids, args):
             print(text[len(printed):], end="", flush=True)
             printed = text
     else:
-        session.ingest([end])  # cut off by max_tokens: close the turn so the rendering stays valid
+        if not args.raw:
+            session.ingest([end])  # cut off by max_tokens: close the turn so the rendering stays valid
     print(tok.decode(out)[len(printed):], flush=True)
     return tok.decode(out)
 
@@ -60,6 +63,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--W", type=int, default=None, help="working-context budget (default: the model's sequence_len)")
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--raw", action="store_true", help="base models: continue the prompt as plain text (no chat turns)")
     ap.add_argument("--device", default=None, help="cuda | cpu | mps (default: autodetect)")
     args = ap.parse_args()
     if args.max_tokens < 1:
@@ -106,12 +110,17 @@ def main():
             if text.strip() == "/focus":
                 print(json.dumps(session.focus_map()))
                 continue
-            ids = tok.render_for_completion({"messages": [{"role": "user", "content": text}]})
-            if not first:
+            if args.raw:
+                ids = ([tok.get_bos_token_id()] if first else []) + tok.encode(text)
+            else:
+                ids = tok.render_for_completion({"messages": [{"role": "user", "content": text}]})
+            if not first and not args.raw:
                 ids = ids[1:]  # one <|bos|> per conversation
             first = False
             if args.prompt is None:
                 print("assistant: ", end="", flush=True)
+            elif args.raw:
+                print(text, end="", flush=True)
             reply(session, tok, ids, args)
             if args.memory:
                 session.save()
