@@ -226,7 +226,11 @@ class MCStep(nn.Module):
         x = m.add_level_embedding(table[src], lvl)
         loss_pos = m(embeds=x, targets=targets, pos=pos, sigma=sigma, loss_reduction="none").view(src.shape)
         nll = row_nll(loss_pos, targets, tw)                                    # (R,)
-        mc_loss = nll.mean()
+        # a sample whose probe base holds no gist (a short context) has no legal probe: its
+        # probe rows are not real windows and stay out of both losses
+        has_legal = legal.any(1)                                                # (B,)
+        row_ok = torch.cat([torch.ones(B * nr + B, device=dev), has_legal.float().repeat_interleave(P)])
+        mc_loss = (nll * row_ok).sum() / row_ok.sum()
         metrics["loss_mc"] = mc_loss.detach()
         metrics["loss_recency"] = nll[: B * nr].view(B, nr)[:, 0].mean().detach()
 
@@ -244,7 +248,8 @@ class MCStep(nn.Module):
             metrics["swap_rate"] = (target > 0).float().mean()
             metrics["lens_top1_gain"] = -dnll[:, 0].mean()
         lens_logits = torch.cat([torch.zeros(B, 1, device=dev), scores.gather(1, probes)], 1)
-        lens_loss = F.cross_entropy(lens_logits, target)
+        lens_ce = F.cross_entropy(lens_logits, target, reduction="none")
+        lens_loss = (lens_ce * has_legal).sum() / has_legal.sum().clamp(min=1)
         metrics["loss_lens"] = lens_loss.detach()
 
         total = self.plain_weight * plain + self.mc_weight * mc_loss + self.lens_weight * lens_loss

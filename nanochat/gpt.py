@@ -16,8 +16,21 @@ MegaContext modules (created when config.megacontext is true):
 - LensNet: a small non-causal transformer over working-context entries plus the recent tail
   tokens; one signed score per entry (>0 wants detail, <0 less). No positional rotary: order
   enters only through per-entry features, so it is permutation-equivariant over entries.
+
+MegaAttention (config.mega_attn_window = w > 0; off by default, needs config.megacontext):
+- every complete block of K input entries that lies entirely before some query's local window
+  gets a GistNet summary (level 1, the same weights as the tree's LOD1 gists, + lod_emb[1]),
+  appended after the T input entries and positioned like the span it covers (mean position,
+  Gaussian spread sigma^2 = var(positions) + mean(sigma^2): exactly the working context's
+  "gaussian" convention for a gist);
+- an input entry i sees entries i-w < j <= i plus the summaries of blocks ending at or before
+  i-w+1; a summary sees its own block and itself (so a summary is never visible from its block or
+  from earlier entries); loss/logits only for the T input entries;
+- one predicate (`mega_mask_mod`) gives both the dense boolean mask (SDPA: CPU and reference) and
+  the FlexAttention BlockMask (CUDA), each built once per layout (T, w, K).
 """
 import math
+import warnings
 from dataclasses import dataclass, asdict
 
 import torch
@@ -28,6 +41,11 @@ try:  # optional: flash-attn 2 on CUDA; everything works without it
     from flash_attn import flash_attn_func
 except Exception:  # ImportError, or a broken CUDA build
     flash_attn_func = None
+
+try:  # FlexAttention (MegaAttention's CUDA path); SDPA with a dense mask works everywhere
+    from torch.nn.attention.flex_attention import flex_attention, create_block_mask, BlockMask
+except Exception:
+    flex_attention = create_block_mask = BlockMask = None
 
 
 @dataclass
@@ -49,6 +67,9 @@ class GPTConfig:
     lens_layers: int = 2
     lens_dim: int = 0            # 0 -> n_embd // 4
     pos_scheme: str = "entry"    # "entry" (positions = working-context entry index) or "gaussian"
+    # MegaAttention (DESIGN section 7): local window of w entries + GistNet summaries of older blocks
+    mega_attn_window: int = 0    # w in entries; 0 = off (plain causal attention over the window)
+    mega_attn_impl: str = "auto" # "auto" (flex on CUDA, else sdpa), "sdpa" (dense mask), "flex"
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -59,6 +80,12 @@ class GPTConfig:
             raise ValueError("head dim must be even for rotary embeddings")
         if self.pos_scheme not in ("entry", "gaussian"):
             raise ValueError(f"pos_scheme must be 'entry' or 'gaussian', got {self.pos_scheme!r}")
+        if self.mega_attn_window < 0:
+            raise ValueError(f"mega_attn_window must be >= 0, got {self.mega_attn_window}")
+        if self.mega_attn_window and not self.megacontext:
+            raise ValueError("mega_attn_window > 0 needs megacontext=True (its summaries come from GistNet)")
+        if self.mega_attn_impl not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"mega_attn_impl must be 'auto', 'sdpa' or 'flex', got {self.mega_attn_impl!r}")
         if self.gist_dim == 0:
             self.gist_dim = max(64, self.n_embd // 2)
         if self.lens_dim == 0:
@@ -103,8 +130,11 @@ def apply_rotary(x, cos, sin):
 # Attention: one function for every caller
 
 def attention(q, k, v, causal=True, attn_mask=None):
-    """q: (B, Tq, H, D); k, v: (B, Tk, Hkv, D). attn_mask: bool (B or 1, 1, Tq, Tk), True = attend.
+    """q: (B, Tq, H, D); k, v: (B, Tk, Hkv, D). attn_mask: bool (B or 1, 1, Tq, Tk), True = attend,
+    or a FlexAttention BlockMask (then `causal` is ignored: the mask says everything).
     Causal with Tq < Tk means the queries are the *last* Tq positions (chunked prefill)."""
+    if BlockMask is not None and isinstance(attn_mask, BlockMask):
+        return _flex_attention(q, k, v, attn_mask)
     Tq, Tk = q.size(1), k.size(1)
     if flash_attn_func is not None and q.is_cuda and attn_mask is None and q.dtype in (torch.bfloat16, torch.float16):
         return flash_attn_func(q, k, v, causal=causal)  # bottom-right aligned causal, native GQA
@@ -119,6 +149,99 @@ def attention(q, k, v, causal=True, attn_mask=None):
         causal = False
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=gqa)
     return y.transpose(1, 2)
+
+
+_flex_compiled = None
+
+
+def _flex_attention(q, k, v, block_mask):
+    """FlexAttention on (B, T, H, D) tensors. CUDA: the compiled (fused, block-sparse) kernel.
+    Elsewhere: flex's eager path (unfused, materializes the scores; for tests and debugging)."""
+    global _flex_compiled
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = q.size(1) != k.size(1)
+    if q.is_cuda and torch.compiler.is_compiling():  # inside a compiled model: dynamo fuses it
+        y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    elif q.is_cuda:
+        if _flex_compiled is None:
+            _flex_compiled = torch.compile(flex_attention, dynamic=False)
+        y = _flex_compiled(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    return y.transpose(1, 2)
+
+
+# -----------------------------------------------------------------------------
+# MegaAttention: layout, masks, summary positions (pure functions; GPT.mega_inputs uses them)
+
+def mega_num_summaries(T, w, K):
+    """Summaries worth making for T entries, local window w, block size K: block b (entries
+    [bK, (b+1)K)) is visible to query i iff (b+1)K <= i-w+1, so the last query T-1 sees blocks with
+    (b+1)K <= T-w. Blocks no query can see get no summary (w >= T -> none: plain causal)."""
+    return max(0, (T - w) // K)
+
+
+def mega_mask_mod(T, w, K):
+    """The MegaAttention predicate over (T + S) x (T + S) query/key indices (entries 0..T-1, then
+    summaries T..T+S-1; summary T+b covers entries [bK, (b+1)K)). A FlexAttention mask_mod; also
+    evaluated on broadcast index grids for the dense mask, so both paths share one definition."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_win, kv_win = q_idx < T, kv_idx < T
+        local = (kv_idx <= q_idx) & (kv_idx > q_idx - w)               # entry -> entries in window
+        far = (kv_idx - T + 1) * K <= q_idx - w + 1                     # entry -> summary of a far block
+        own = kv_idx // K == q_idx - T                                  # summary -> its block's entries
+        return ((q_win & kv_win & local) | (q_win & ~kv_win & far)
+                | (~q_win & kv_win & own) | (~q_win & (kv_idx == q_idx)))
+    return mask_mod
+
+
+def mega_attention_mask(T, w, K, device=None):
+    """Dense boolean MegaAttention mask (L, L), L = T + mega_num_summaries(T, w, K); True = attend."""
+    L = T + mega_num_summaries(T, w, K)
+    i = torch.arange(L, device=device)
+    return mega_mask_mod(T, w, K)(None, None, i[:, None], i[None, :])
+
+
+_mega_mask_cache = {}
+
+
+@torch.compiler.disable
+def mega_mask(T, w, K, device, impl="sdpa"):
+    """The mask for one layout, built once and cached: a dense bool (L, L) for impl "sdpa", a
+    FlexAttention BlockMask for "flex"."""
+    device = torch.device(device)
+    key = (T, w, K, str(device), impl)
+    m = _mega_mask_cache.get(key)
+    if m is None:
+        if impl == "flex":
+            if create_block_mask is None:
+                raise RuntimeError("FlexAttention is not available in this torch build")
+            L = T + mega_num_summaries(T, w, K)
+            m = create_block_mask(mega_mask_mod(T, w, K), None, None, L, L, device=device)
+        else:
+            m = mega_attention_mask(T, w, K, device)
+        if len(_mega_mask_cache) >= 8:  # dense masks are L^2 bytes (85 MB at L = 9216)
+            _mega_mask_cache.pop(next(iter(_mega_mask_cache)))
+        _mega_mask_cache[key] = m
+    return m
+
+
+def mega_summary_positions(pos, sigma, K, S):
+    """Position and spread of the S summaries over the first S*K entries. pos (B, T), sigma (B, T)
+    or None. A summary sits at the mean position of its K entries with sigma^2 = variance of their
+    positions + mean of their sigma^2 (a span as a mixture): for K tokens at consecutive integers
+    this is exactly the working context's gaussian convention for a gist, centre start + (K-1)/2
+    and sigma = sqrt((K^2-1)/12) (and for K such gists, that of their parent). Returns float64
+    (float32 on mps) tensors (B, S)."""
+    fdt = torch.float32 if pos.device.type == "mps" else torch.float64
+    p = pos[:, :S * K].to(fdt).unflatten(1, (S, K))
+    mean = p.mean(-1)
+    var = (p - mean[..., None]).square().mean(-1)
+    if sigma is not None:
+        var = var + sigma[:, :S * K].to(fdt).unflatten(1, (S, K)).square().mean(-1)
+    return mean, var.sqrt()
 
 
 class KVCache:
@@ -399,25 +522,71 @@ class GPT(nn.Module):
         lvl = levels.clamp(min=0)
         return torch.where((levels > 0)[..., None], x + self.lod_emb(lvl).to(x.dtype), x)
 
+    # -- MegaAttention -----------------------------------------------------------
+
+    def mega_window(self, mega=None, kv_cache=None, attn_mask=None):
+        """The MegaAttention window w for one forward, 0 = plain attention. mega=None follows
+        config.mega_attn_window, but a forward with a KV cache or an explicit attn_mask then runs
+        plain attention (decode has no MegaAttention path yet); an explicit mega=w > 0 there is an
+        error. mega=0/False forces plain attention."""
+        if mega is None:
+            w = self.config.mega_attn_window
+            return 0 if (kv_cache is not None or attn_mask is not None) else w
+        w = int(mega)
+        if w < 0:
+            raise ValueError(f"mega window must be >= 0, got {w}")
+        if w and (kv_cache is not None or attn_mask is not None):
+            raise ValueError("MegaAttention does not combine with a KV cache or an explicit attn_mask")
+        if w and not hasattr(self, "gistnet"):
+            raise ValueError("MegaAttention needs a model built with megacontext=True")
+        return w
+
+    def mega_inputs(self, x, pos, sigma, w, impl=None):
+        """Append the MegaAttention summaries to the T entries x (B, T, D) with positions pos and
+        spreads sigma (B or 1, T; sigma may be None). Returns (x, pos, sigma, mask) over T + S
+        entries: the mask is a dense bool (SDPA) or a BlockMask (FlexAttention), per
+        impl (default config.mega_attn_impl; "auto" = flex on CUDA, else sdpa)."""
+        K = self.config.mc_block_size
+        B, T, D = x.shape
+        S = mega_num_summaries(T, w, K)
+        if S:
+            g = self.gistnet(x[:, :S * K].reshape(B * S, K, D), 1).view(B, S, D).to(x.dtype)
+            g = self.add_level_embedding(g, torch.ones(B, S, dtype=torch.long, device=x.device))
+            x = torch.cat([x, g], dim=1)
+            Bp = max(pos.size(0), 1 if sigma is None else sigma.size(0))
+            pos = pos.expand(Bp, T)
+            sigma = torch.zeros(Bp, T, device=x.device) if sigma is None else sigma.expand(Bp, T)
+            ps, ss = mega_summary_positions(pos, sigma, K, S)
+            pos = torch.cat([pos.to(ps.dtype), ps], dim=1)
+            sigma = torch.cat([sigma.to(ss.dtype), ss], dim=1)  # zeros stay exact zeros: plain RoPE
+        impl = impl or self.config.mega_attn_impl
+        if impl == "auto":
+            impl = "flex" if (x.is_cuda and create_block_mask is not None) else "sdpa"
+        return x, pos, sigma, mega_mask(T, w, K, x.device, impl)
+
     # -- forward ----------------------------------------------------------------
 
     def forward(self, idx=None, targets=None, kv_cache=None, embeds=None, pos=None, sigma=None,
-                attn_mask=None, loss_reduction="mean", return_hidden=False):
+                attn_mask=None, loss_reduction="mean", return_hidden=False, mega=None):
         """idx (B, T) token ids, or embeds (B, T, D) input embeddings (tokens and/or gists).
         pos (B or 1, T): explicit positions; default 0..T-1 after whatever the cache holds.
         sigma (B or 1, T): Gaussian spread per entry (None = 0 = plain RoPE).
+        mega: MegaAttention window (see mega_window; None = config.mega_attn_window, 0 = off).
         targets (B, T) with -1 = ignore. Returns loss if targets given else logits (B, T, V)."""
         x = self.embed(idx) if embeds is None else embeds
         B, T, _ = x.shape
         if pos is None:
             t0 = kv_cache.pos if kv_cache is not None else 0
             pos = torch.arange(t0, t0 + T, device=x.device)[None]
+        w = self.mega_window(mega, kv_cache, attn_mask)
+        if w:
+            x, pos, sigma, attn_mask = self.mega_inputs(x, pos, sigma, w)
         dtype = torch.bfloat16 if x.is_cuda else torch.float32
         cos_sin = rotary_cos_sin(pos, self.head_dim, self.config.rope_base, sigma, dtype=dtype)
         x = norm(x)
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache, causal=True, attn_mask=attn_mask)
-        x = norm(x)
+        x = norm(x[:, :T] if w else x)  # MegaAttention: summaries carry no loss/logits
         if return_hidden:
             return x
         return self.logits_and_loss(x, targets, loss_reduction)

@@ -12,6 +12,8 @@ import os
 import json
 import time
 import math
+import copy
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, asdict
 
@@ -43,6 +45,14 @@ class MCBatcher:
         self.tok, self.cfg, self.device = tokenizer, cfg, device
         self.rng = np.random.default_rng(cfg.seed + 1000 * rank)
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)
+
+    def state_dict(self):
+        """Where the sampling streams stand (saved with the loader state, so a resume is exact)."""
+        return {"rng": self.rng.bit_generator.state, "gen": self.gen.get_state()}
+
+    def load_state_dict(self, st):
+        self.rng.bit_generator.state = st["rng"]
+        self.gen.set_state(st["gen"].cpu() if hasattr(st["gen"], "cpu") else st["gen"])
 
     def __call__(self, x):
         cfg, rng = self.cfg, self.rng
@@ -116,10 +126,25 @@ class TrainConfig:
     mc_random_wcs: int = 2            # random LOD mixtures per context (besides pure recency)
     mc_probes: int = 4                # counterfactual expansions per context for LensNet
     mc_lambda: float = 0.01           # edit cost (nats) in LensNet's regularised argmin
-    mc_weight: float = 1.0            # weight of the working-context horizon loss
+    mc_weight: float = 0.1            # weight of the working-context horizon loss: its H tokens per row
+                                      # weigh ~60x a plain token each; at 1.0 plain loss fell behind
+                                      # plain-only training (tests/test_mctrain.py), at 0.1 it keeps up
     lens_weight: float = 1.0          # weight of the LensNet loss
     mc_task_rate: float = 0.5         # fraction of contexts replaced by synthetic long-context tasks
     mc_answer_weight: float = 4.0     # loss weight of task answer tokens
+
+
+@contextlib.contextmanager
+def eager(*modules):
+    """Run modules with their own (uncompiled) forward: sampling gives every decode step a new
+    shape, and a dynamic=False compiled forward would recompile at each one."""
+    saved = [m.__dict__.pop("forward", None) for m in modules]
+    try:
+        yield
+    finally:
+        for m, f in zip(modules, saved):
+            if f is not None:
+                m.forward = f
 
 
 def get_lr_multiplier(it, num_iterations, cfg):
@@ -174,6 +199,9 @@ def main():
            f"vocab {vocab_size}, params {num_params:,}, {flops_per_token:.3e} FLOPs/token")
 
     # batch arithmetic ------------------------------------------------------------------------
+    if cfg.megacontext and cfg.mc_context_len - cfg.mc_H <= cfg.mc_W:
+        fail(f"mc_context_len - mc_H = {cfg.mc_context_len - cfg.mc_H} must exceed mc_W = {cfg.mc_W}: "
+             "a context that fits the window whole has nothing to compress")
     seq_per_row = cfg.mc_context_len if cfg.megacontext else cfg.max_seq_len
     tokens_per_fwdbwd = cfg.device_batch_size * seq_per_row * world_size
     if cfg.total_batch_size % tokens_per_fwdbwd:
@@ -213,6 +241,8 @@ def main():
         model = MCStep(orig_model, cfg.mc_W, cfg.mc_H, cfg.mc_random_wcs, cfg.mc_probes, cfg.mc_lambda,
                        cfg.mc_weight, cfg.lens_weight)
         batcher = MCBatcher(tokenizer, cfg, rank, device)
+        if loader_state and "mc" in loader_state:
+            batcher.load_state_dict(loader_state["mc"])
     elif device.type == "cuda" and cfg.compile:
         model = torch.compile(model, dynamic=False)
     if ddp:
@@ -220,7 +250,7 @@ def main():
 
     train_loader = DataLoader(tokenizer, cfg.device_batch_size, seq_per_row, "train", source=cfg.data,
                               device="cpu" if cfg.megacontext else device, rank=rank, world_size=world_size,
-                              state=loader_state)
+                              state={k: v for k, v in loader_state.items() if k != "mc"} if loader_state else None)
     token_bytes = get_token_bytes(tokenizer, device)
     eval_steps = max(1, cfg.eval_tokens // tokens_per_fwdbwd)
 
@@ -257,7 +287,11 @@ def main():
 
         def next_batch():
             bx, _ = next(loader_iter)
-            return train_loader.state_dict(), batcher(bx)  # state = where the batch after bx starts
+            state = train_loader.state_dict()              # where the batch after bx starts
+            out = batcher(bx)
+            # the sampler's stream right after bx's draws; the probe generator is read at save time
+            state["mc"] = {"rng": copy.deepcopy(batcher.rng.bit_generator.state)}
+            return state, out
 
         fut = pool.submit(next_batch)
         x, y = None, None
@@ -285,12 +319,15 @@ def main():
             log({"step": step, "val/bpb": val_bpb})
         if master and (last or (cfg.sample_every > 0 and step > 0 and step % cfg.sample_every == 0)):
             engine = Engine(orig_model, tokenizer, autocast)
-            for prompt in ["The capital of France is", "Once upon a time,"]:
-                ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-                out = engine.generate_batch(ids, max_tokens=24, temperature=0.0)[0]
-                print0(f"sample: {prompt!r} -> {tokenizer.decode(out)!r}")
+            with eager(orig_model, *(getattr(orig_model, n) for n in ("gistnet", "lensnet") if hasattr(orig_model, n))):
+                for prompt in ["The capital of France is", "Once upon a time,"]:
+                    ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+                    out = engine.generate_batch(ids, max_tokens=24, temperature=0.0)[0]
+                    print0(f"sample: {prompt!r} -> {tokenizer.decode(out)!r}")
         if last or (cfg.save_every > 0 and step > start_step and step % cfg.save_every == 0):
             meta = {"history": history, "val_bpb": val_bpb, "num_params": num_params}
+            if cfg.megacontext and loader_state is not None and "mc" in loader_state:
+                loader_state["mc"]["gen"] = batcher.gen.get_state()  # all of its draws so far were consumed
             save_checkpoint(out_dir, step, orig_model, optimizers, loader_state, asdict(cfg), meta)
         if last:
             break

@@ -127,6 +127,8 @@ def main():
         if t not in tasks.TASKS:
             fail(f"unknown task {t!r} (choose from {', '.join(tasks.TASKS)})")
     mults = [int(m) for m in cfg.mults.split(",")]
+    if not 1 <= cfg.n <= 1_000_000:
+        fail(f"--n must be in [1, 1000000], got {cfg.n}")
     out_dir = cfg.out or os.path.join(run_dir, "mc_eval")
     os.makedirs(out_dir, exist_ok=True)
     autocast = autocast_ctx(device.type)
@@ -143,7 +145,8 @@ def main():
             hits = {p: [] for p in policies}
             depth_hits = {}
             for i in range(cfg.n):
-                erng = tasks.task_rng("eval", 100_000 * mults.index(m) + 1000 * task_names.index(task) + i)
+                cell = mults.index(m) * len(task_names) + task_names.index(task)   # one seed range per (task, L)
+                erng = tasks.task_rng("eval", cell * 1_000_000 + i)
                 depth = (i + 0.5) / cfg.n
                 kw = {"depth": depth} if task == "passkey" else {}
                 ex = tasks.make_example(task, erng, L, filler, tokenizer.encode, fmt=tasks.EVAL_FMTS[0],

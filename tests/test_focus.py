@@ -2,8 +2,6 @@
 Focus allocator and training-time sampler: legality, budget, n_diff, hysteresis, that the
 greedy choice is the obvious one, and that sampled windows are valid, diverse and compress.
 """
-import time
-
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
@@ -136,18 +134,24 @@ def test_hysteresis_blocks_reversal_then_releases():
     assert fa.refocus(wc, s)["expanded"] == 1
 
 
-def test_refocus_fast_at_w8192():
-    wc = WorkingContext.recency(1_000_000, 32, 8192, 2)
+def test_refocus_at_w8192_keeps_invariants():
+    """W=8192, K=32, 1M tokens of history: the allocator's decode-time setting. Its speed is a
+    benchmark's job (scripts/bench_focus.py, scripts/bench_mc.py), not a unit test's; here every
+    call must leave a valid window over the same tokens, within budget and n_diff."""
+    N, K, W = 1_000_000, 32, 8192
+    wc = WorkingContext.recency(N, K, W, 2)
     fa = FocusAllocator()
     rng = np.random.default_rng(0)
-    scores = [rng.normal(size=8192) for _ in range(8)]
-    ms = []
-    for i in range(60):
-        t = time.perf_counter()
-        fa.refocus(wc, scores[i % 8][: len(wc)])
-        ms.append((time.perf_counter() - t) * 1e3)
-    wc.validate()
-    assert np.median(ms) < 3.0, f"refocus median {np.median(ms):.2f} ms (target < 1 ms; lenient for a loaded CI box)"
+    edits = 0
+    for i in range(12):
+        before = len(wc)
+        tel = fa.refocus(wc, rng.normal(size=len(wc)))
+        wc.validate()
+        assert wc.num_tokens == N and len(wc) <= W
+        assert tel["expanded"] + tel["collapsed"] <= fa.n_diff
+        assert len(wc) == before + (K - 1) * (tel["expanded"] - tel["collapsed"])
+        edits += tel["expanded"] + tel["collapsed"]
+    assert edits > 0, "random scores at W=8192 should make the allocator edit something"
 
 
 @pytest.mark.parametrize("K,W,L", [(8, 64, 2), (32, 1024, 2), (4, 32, 3)])

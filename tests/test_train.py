@@ -334,5 +334,45 @@ def test_bad_input_stops_with_one_clear_line(resumed_run, tmp_path):
         assert match in err, f"{name}: {err}"
 
 
+MC_TINY = ["--megacontext", "--mc-context-len", "512", "--mc-W", "48", "--mc-H", "8", "--mc-block-size", "8",
+           "--total-batch-size", "1024", "--mc-task-rate", "0.5"]
+
+
+@pytest.mark.slow
+def test_megacontext_resume_reproduces_the_next_steps_exactly(tiny_tokenizer, tmp_path):
+    """The MC path's sampling streams (windows, tasks, probes) are saved with the loader state: a
+    run resumed at step 2 repeats steps 3-4 of the uninterrupted run bit for bit."""
+    base = os.path.dirname(tiny_tokenizer.directory)
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = TINY + MC_TINY + ["--num-iterations", "4", "--save-every", "2"]
+    ok(run(script("scripts.base_train", *args, "--out-dir", a), base))
+    b.mkdir()
+    shutil.copy(a / "model_000002.pt", b)
+    (b / "latest").write_text("2\n")
+    ok(run(script("scripts.base_train", *args, "--out-dir", b, "--resume"), base))
+    ref, res = load(a / "model_000004.pt"), load(b / "model_000004.pt")
+    losses = lambda c: {h["step"]: h["loss"] for h in c["meta"]["history"] if "loss" in h}
+    assert [losses(ref)[s] for s in (3, 4)] == [losses(res)[s] for s in (3, 4)]
+    assert all(torch.equal(ref["model"][k], res["model"][k]) for k in ref["model"])
+    assert "mc" in ref["loader_states"][0] and "gen" in ref["loader_states"][0]["mc"]
+
+
+def test_eager_restores_compiled_forwards():
+    """base_train samples through eager(): a compiled (dynamic=False) forward would recompile at
+    every decode step. Inside, the module's own forward runs; after, the compiled one is back."""
+    from scripts.base_train import eager
+    model = tiny_model(megacontext=True)
+    x = torch.randint(0, 128, (1, 8))
+    def compiled(*a, **k):
+        raise AssertionError("the compiled forward must not run while sampling")
+    model.forward = model.gistnet.forward = compiled
+    with eager(model, model.gistnet):
+        assert model(x).shape == (1, 8, 128)
+    assert model.forward is compiled and model.gistnet.forward is compiled
+    with eager(model.lensnet):                              # a module without a compiled forward
+        pass
+    assert "forward" not in model.lensnet.__dict__
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--ddp-muon-worker"]:
     ddp_muon_worker(sys.argv[2])

@@ -1,0 +1,36 @@
+"""Benchmarks run (CPU smoke, small arguments) and print the one JSON object they promise.
+Their numbers are not checked here: speed targets belong to benchmark runs on named hardware."""
+import os
+import sys
+import json
+import subprocess
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_json(*args, timeout=120):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NANOCHAT_")}
+    env.update(PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1, f"expected one JSON line, got {len(lines)}"
+    return json.loads(lines[0])
+
+
+def test_bench_mc_cpu_smoke():
+    out = run_json("scripts.bench_mc", "--tokens", "20000", "--depth", "2")
+    assert out["device"].startswith("CPU") and out["torch"]
+    assert out["config"]["tokens"] == 20000 and out["config"]["n_embd"] == 128
+    ing = out["ingest"]
+    assert ing["nodes_per_level"] == [20000, 20000 // 32, 20000 // 32 ** 2]
+    assert ing["gist_calls"] == 2, "one batched GistNet call per level"
+    assert ing["tokens_per_s"] > 0 and ing["base_forward_tokens_per_s"] > 0
+    assert 0 < ing["gist_vs_base_fwd_flops_per_token"] < 1
+    foc = out["focus"]
+    assert foc["config"]["W"] == 8192 and foc["config"]["N"] == 1_000_000
+    assert foc["refocus_ms"]["median"] > 0 and foc["refocus_ms"]["n"] == 200
+    tree = out["tree"]
+    assert tree["append_MBps_durable"] > 0 and tree["read"]["tokens_MBps"] > 0
+    assert tree["raw"]["durable"]["nodes"] == [20000, 625, 19]
