@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Every device benchmark the README reports, in one call on one H100 (each step time-boxed, one JSON
+# file per benchmark, written as it finishes):
+#   RESULTS_DIR=results/h100 bash scripts/gpu_bench.sh
+# Scaling runs need several GPUs: torchrun --standalone --nproc_per_node=N -m scripts.bench_train --depth 20 --batch 16
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${PY:-python3}"
+OUT_DIR="${RESULTS_DIR:-results/bench}"
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1
+ONLY="${ONLY:-}"   # e.g. ONLY="mc decode": a subset (the whole list can outlast one 10-minute device call)
+step() {  # name timeout_s command...
+  local name=$1 limit=$2; shift 2
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
+  echo "== $name: $*"
+  timeout "$limit" "$@" > "$OUT_DIR/$name.json" 2> "$OUT_DIR/$name.err"
+  echo "   rc $? ($name)"; tail -c 600 "$OUT_DIR/$name.json"; echo
+}
+step train_d12   120 "$PY" -m scripts.bench_train --depth 12 --batch 32 --seq 2048 --vocab 32768 --steps 10 --warmup 4
+step train_d20   150 "$PY" -m scripts.bench_train --depth 20 --batch 16 --seq 2048 --vocab 65536 --steps 10 --warmup 4
+step train_mc_d8 150 "$PY" -m scripts.bench_train --depth 8 --batch 64 --seq 2048 --vocab 8192 --steps 10 --warmup 5 \
+  --megacontext --mc-context-len 16384 --mc-W 512 --mc-H 64
+step mc          150 "$PY" -m scripts.bench_mc
+step megaattn    150 "$PY" -m scripts.bench_megaattn --W 2048,8192,16384
+step decode      300 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,32768,131072,1048576 --steps 128
