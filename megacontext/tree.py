@@ -23,14 +23,13 @@ MegaContext tree: an append-only hierarchy of gists over one token stream.
 import os
 import time
 import zlib
-import fcntl
 import struct
 from typing import Callable
 
 import numpy as np
 import torch
 
-from nanochat.common import fail, atomic_write_json
+from nanochat.common import fail, atomic_write_json, lock_dir
 
 GistFn = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -242,13 +241,7 @@ class MegaContextTree:
             return unpack_header(f.read(HEADER_BYTES), self._file(l))
 
     def _lock(self):
-        self._lock_fd = os.open(self.path, os.O_RDONLY)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-            fail(f"MegaContext tree at {self.path} is already open (one writer per tree)")
+        self._lock_fd = lock_dir(self.path, "MegaContext tree")
 
     def _file(self, l):
         return os.path.join(self.path, f"LOD{l}.ctx")

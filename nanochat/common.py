@@ -80,6 +80,19 @@ def compute_cleanup():
         dist.destroy_process_group()
 
 
+def lock_dir(path, what):
+    """Take an exclusive, non-blocking flock on directory `path` (one writer per tree/memory);
+    returns the fd to os.close() when done. Another holder is a clear error."""
+    import fcntl
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        fail(f"{what} at {path} is already open (one writer per {what.split()[-1]})")
+    return fd
+
+
 def print0(*args, **kwargs):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)

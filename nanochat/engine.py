@@ -31,13 +31,12 @@ import os
 import json
 import time
 import array
-import fcntl
 import hashlib
 
 import numpy as np
 import torch
 
-from nanochat.common import fail, atomic_write_json, atomic_write_bytes, autocast_ctx
+from nanochat.common import fail, atomic_write_json, atomic_write_bytes, autocast_ctx, lock_dir
 from nanochat.gpt import KVCache, lens_features
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import WorkingContext
@@ -262,13 +261,7 @@ class MemorySession:
         if self.path is None:
             return
         os.makedirs(self.path, exist_ok=True)
-        self._lock_fd = os.open(self.path, os.O_RDONLY)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-            fail(f"memory at {self.path} is already open (one writer per memory)")
+        self._lock_fd = lock_dir(self.path, "memory")
 
     def _init_buffers(self):
         c = self.config

@@ -393,6 +393,7 @@ def main():
         summary = {"run": cfg.run, "steps": step, "val_bpb": val_bpb, "num_params": num_params,
                    "train_time_s": total_time, "world_size": world_size, "device": device.type}
         atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
+        atomic_write_json(os.path.join(out_dir, "history.json"), history)  # scripts/plot_train.py draws it
         print0(json.dumps(summary))
     if wandb_run is not None:
         wandb_run.finish()

@@ -12,10 +12,10 @@ import random
 import threading
 
 import pytest
+from conftest import tiny_mc_model
 import torch
 
 from nanochat import engine
-from nanochat.gpt import GPT, GPTConfig
 from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, build_model
 
 CHROMIUM = "/usr/bin/chromium"
@@ -61,14 +61,8 @@ class SlowSession(engine.MemorySession):
 @pytest.fixture(scope="module")
 def base_url(tiny_tokenizer, tmp_path_factory):
     """The real app under uvicorn on a free localhost port, in a background thread."""
-    cfg = GPTConfig(sequence_len=256, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=1, n_head=1, n_kv_head=1,
-                    n_embd=64, megacontext=True, mc_block_size=8, mc_max_level=3, gist_layers=1, lens_layers=1)
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    model.init_weights()
-    torch.nn.init.normal_(model.lm_head.weight, std=0.5)  # decisive logits: greedy decoding has no near-ties
     run_dir = str(tmp_path_factory.mktemp("chat_browser_ckpt"))
-    save_checkpoint(run_dir, 0, model)
+    save_checkpoint(run_dir, 0, tiny_mc_model(tiny_tokenizer))
     model = build_model(load_checkpoint(run_dir), torch.device("cpu"), tiny_tokenizer)
     app = create_app([model], tiny_tokenizer, str(tmp_path_factory.mktemp("chat_browser_data")),
                      Limits(ingest_chunk=512), model_name="tiny", session_kw={"W": W})

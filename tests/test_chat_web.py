@@ -11,9 +11,9 @@ import asyncio
 import subprocess
 
 import pytest
+from conftest import tiny_mc_model
 import torch
 
-from nanochat.gpt import GPT, GPTConfig
 from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, build_model
 from nanochat.engine import MemorySession
 
@@ -30,14 +30,8 @@ W = 64  # a small window, so a few thousand tokens of history are already mixed-
 @pytest.fixture(scope="module")
 def ckpt(tiny_tokenizer, tmp_path_factory):
     """A tiny MegaContext GPT saved as a checkpoint; returns its run dir."""
-    cfg = GPTConfig(sequence_len=256, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=1, n_head=1, n_kv_head=1,
-                    n_embd=64, megacontext=True, mc_block_size=8, mc_max_level=3, gist_layers=1, lens_layers=1)
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    model.init_weights()
-    torch.nn.init.normal_(model.lm_head.weight, std=0.5)  # decisive logits: greedy decoding has no near-ties
     run_dir = str(tmp_path_factory.mktemp("chat_web_ckpt"))
-    save_checkpoint(run_dir, 0, model)
+    save_checkpoint(run_dir, 0, tiny_mc_model(tiny_tokenizer))
     return run_dir
 
 

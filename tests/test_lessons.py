@@ -22,13 +22,7 @@ from nanochat.gpt import GPT, GPTConfig, rotary_cos_sin
 V = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second intra-op thread buys nothing and, on a loaded 2-core box, costs 3-20x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def model_for(scheme, K=4, L=2, seed=0):

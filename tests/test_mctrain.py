@@ -37,13 +37,7 @@ MC_PREFIXES = ("gistnet.", "lensnet.", "lod_emb.")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second intra-op thread buys nothing and, on a loaded 2-core box, costs 3-20x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def perturb(model, std=0.1, seed=0):

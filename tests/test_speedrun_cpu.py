@@ -24,3 +24,26 @@ def test_speedrun_cpu_end_to_end(tmp_path):
     res = json.loads((tmp_path / "runs" / "cpu_mc" / "mc_eval" / "mc_eval.json").read_text())
     assert set(res["accuracy"]) == {"passkey", "multikey"} and "lod1" in res["dnll"]
     assert (tmp_path / "speedrun.log").exists()
+    # the training curves of both runs, from history.json and from the saved stdout log
+    r = subprocess.run([sys.executable, "-m", "scripts.plot_train", "--run", "cpu_mc"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "runs" / "cpu_mc" / "train_curves.png").stat().st_size > 10_000
+    from scripts.plot_train import parse_log
+    hist = parse_log((tmp_path / "speedrun.log").read_text())
+    assert any("loss_mc" in h for h in hist) and any("val_bpb" in h for h in hist)
+
+
+def test_plot_train_parses_logs_and_rejects_bad_histories(tmp_path):
+    from scripts.plot_train import parse_log
+    log = ("step 00000 | val bpb 3.7420\n"
+           "step 00005/40 | loss 16.5583 | gnorm 5.533 | lrm 1.00 | dt 314ms | tok/s 6,524 | mfu nan% | eta 0.2m\n"
+           "    loss_plain 7.8358 | loss_mc 7.7540 | swap_rate 0.0000\n")
+    assert parse_log(log) == [{"step": 0, "val_bpb": 3.742},
+                              {"step": 5, "loss": 16.5583, "loss_plain": 7.8358, "loss_mc": 7.754, "swap_rate": 0.0}]
+    bad = tmp_path / "history.json"
+    for text in ("{not json", "[1, 2]", "[]"):
+        bad.write_text(text)
+        r = subprocess.run([sys.executable, "-m", "scripts.plot_train", "--history", str(bad)], cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr, r.stderr
