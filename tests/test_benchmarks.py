@@ -14,9 +14,7 @@ def run_json(*args, timeout=120):
     r = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=timeout)
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
-    lines = r.stdout.strip().splitlines()
-    assert len(lines) == 1, f"expected one JSON line, got {len(lines)}"
-    return json.loads(lines[0])
+    return json.loads(r.stdout)  # stdout is exactly one JSON document (progress goes to stderr)
 
 
 def test_bench_mc_cpu_smoke():
@@ -34,3 +32,26 @@ def test_bench_mc_cpu_smoke():
     tree = out["tree"]
     assert tree["append_MBps_durable"] > 0 and tree["read"]["tokens_MBps"] > 0
     assert tree["raw"]["durable"]["nodes"] == [20000, 625, 19]
+
+
+def test_bench_train_cpu_smoke_plain_and_megacontext():
+    out = run_json("scripts.bench_train", "--depth", "1", "--aspect-ratio", "64", "--head-dim", "32", "--batch", "4",
+                   "--seq", "64", "--vocab", "256", "--steps", "1", "--warmup", "1", "--device", "cpu",
+                   "--megacontext", "--mc-context-len", "256", "--mc-W", "32", "--mc-H", "8", "--mc-block-size", "4")
+    assert out["bench"] == "train" and out["tok_per_s"] > 0 and out["mfu"] is None
+    mc = out["mc"]
+    assert mc["contexts"] == 1 and mc["rows_per_step"] == 1 * (1 + 2 + 1 + 4) and mc["tok_per_s"] > 0
+    assert out["mc_over_plain_tok_per_s"] == round(mc["tok_per_s"] / out["tok_per_s"], 3)
+
+
+def test_bench_decode_cpu_smoke():
+    out = run_json("scripts.bench_decode", "--depth", "1", "--vocab", "256", "--W", "64", "--K", "8",
+                   "--histories", "128,1024", "--steps", "4", "--max-full", "256", "--device", "cpu", timeout=240)
+    text = json.dumps(out)
+    assert "128" in text and "1024" in text and "skipped" in text, "full attention is skipped past --max-full"
+
+
+def test_bench_megaattn_cpu_smoke():
+    out = run_json("scripts.bench_megaattn", "--device", "cpu", "--steps", "1", "--warmup", "1", timeout=240)
+    assert out["bench"] == "megaattn" and out["results"]
+    assert all(r["tok_per_s"] > 0 for r in out["results"] if "tok_per_s" in r)
