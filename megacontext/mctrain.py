@@ -42,7 +42,7 @@ def level_offsets(T, K, max_level):
     return offs, o
 
 
-def make_plan(N, T, K, W, H, max_level, n_random, rng, needle_pos=None, tail=None):
+def make_plan(N, T, K, W, H, max_level, n_random, rng, needle_pos=None, tail=None, n_probe=4):
     """CPU side of one step. N: (B,) cut points. Returns numpy arrays:
     rows_*: (B*(1+n_random), W) sampled windows (recency first per sample); base_*: (B, W-K+1)
     probe bases; oracle: (B,) entry index in the base covering the needle (-1 if none)."""
@@ -74,7 +74,10 @@ def make_plan(N, T, K, W, H, max_level, n_random, rng, needle_pos=None, tail=Non
     bw = pack_working_contexts(bases, W - (K - 1))
     return {"row_levels": r["levels"], "row_indices": r["indices"], "row_lengths": r["lengths"],
             "base_levels": bw["levels"], "base_indices": bw["indices"], "base_lengths": bw["lengths"],
-            "oracle": oracle}
+            "oracle": oracle,
+            # uniform noise for picking random probes (Gumbel-max), drawn here so that the device
+            # step needs no generator (a graph break under torch.compile) and a resume replays it
+            "probe_noise": rng.random((B, W - (K - 1), max(n_probe - 1, 0)), dtype=np.float32)}
 
 
 def expand_rows(levels, indices, lengths, e, K):
@@ -195,7 +198,10 @@ class MCStep(nn.Module):
         legal = bl >= 1
         pick_top = scores.detach().masked_fill(~legal, float("-inf")).argmax(1)
         # random legal entries (Gumbel-max over a uniform distribution on legal entries)
-        gum = torch.rand(B, Wb, self.n_probe - 1, device=dev, generator=rng_probe)
+        if "probe_noise" in plan and plan["probe_noise"].size(-1) == self.n_probe - 1:
+            gum = plan["probe_noise"][:, :Wb]
+        else:
+            gum = torch.rand(B, Wb, self.n_probe - 1, device=dev, generator=rng_probe)
         rand_pick = gum.masked_fill(~legal[..., None], -1.0).argmax(1)        # (B, n_probe-1)
         oracle = plan["oracle"]
         if self.n_probe > 1:   # n_probe = 1: LensNet's own pick only, no random or oracle probe

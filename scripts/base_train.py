@@ -69,7 +69,8 @@ class MCBatcher:
                 N[b] = ex["answer_start"]
                 needle[b] = ex["target_pos"][0]
                 weights[b, ex["answer_start"]:] = cfg.mc_answer_weight
-        plan = make_plan(N, T, cfg.mc_block_size, cfg.mc_W, cfg.mc_H, cfg.mc_max_level, cfg.mc_random_wcs, rng, needle)
+        plan = make_plan(N, T, cfg.mc_block_size, cfg.mc_W, cfg.mc_H, cfg.mc_max_level, cfg.mc_random_wcs, rng, needle,
+                         n_probe=cfg.mc_probes)
         dev = self.device
         plan = {k: torch.from_numpy(v).to(dev, non_blocking=True) for k, v in plan.items()}
         return (torch.from_numpy(ids).to(dev), torch.from_numpy(N).to(dev), plan,

@@ -136,7 +136,8 @@ def bench_mc_step(args, raw, step, timed, device, rank, ddp, local_rank, world):
 
     def make_inputs(i):
         ids = torch.from_numpy(rng.integers(0, args.vocab, (B, T))).to(device)
-        plan = make_plan(N, T, args.mc_block_size, args.mc_W, args.mc_H, args.mc_max_level, args.mc_random_wcs, rng)
+        plan = make_plan(N, T, args.mc_block_size, args.mc_W, args.mc_H, args.mc_max_level, args.mc_random_wcs, rng,
+                         n_probe=args.mc_probes)
         plan = {k: torch.from_numpy(v).to(device) for k, v in plan.items()}
         return ids, torch.from_numpy(N).to(device), plan, None, None, gen
 

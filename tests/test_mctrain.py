@@ -606,3 +606,18 @@ def test_a_short_context_has_no_probes_and_no_lens_loss():
     assert torch.isfinite(loss) and m["loss_lens"].item() == 0.0
     loss_mixed, m2 = step(*mc_inputs(ids, [short, T - H]))
     assert torch.isfinite(loss_mixed) and m2["loss_lens"].item() > 0
+
+
+def test_mc_step_traces_without_graph_breaks_beyond_rotary():
+    """Compile-friendliness: TorchDynamo traces the whole MC step; the only breaks are the calls
+    to rotary_cos_sin, which is kept out of compiled graphs on purpose (fp64 tables, once per
+    forward). A host sync, a data-dependent Python branch or a generator argument would show here."""
+    import torch._dynamo as dynamo
+    model = mc_model(seed=0, perturbed=True)
+    step = MCStep(model, W, H)
+    ids = torch.from_numpy(stream(np.random.default_rng(0), 2, T))
+    dynamo.reset()
+    ex = dynamo.explain(step)(*mc_inputs(ids, [T - H, T - 20]))
+    reasons = [str(b.reason) for b in ex.break_reasons]
+    assert reasons and all("rotary_cos_sin" in r for r in reasons), reasons
+    dynamo.reset()
