@@ -176,10 +176,17 @@ def _flex_attention(q, k, v, block_mask):
 # -----------------------------------------------------------------------------
 # MegaAttention: layout, masks, summary positions (pure functions; GPT.mega_inputs uses them)
 
+def mega_local_start(i, w, K):
+    """First entry query i sees in full: i-w+1 rounded down to a block boundary, so the local
+    window holds w..w+K-1 entries and everything before it is covered by whole blocks' summaries
+    (no entry is left unseen between the summaries and the window). Works on ints and tensors."""
+    return ((i - w + 1) // K) * K
+
+
 def mega_num_summaries(T, w, K):
     """Summaries worth making for T entries, local window w, block size K: block b (entries
-    [bK, (b+1)K)) is visible to query i iff (b+1)K <= i-w+1, so the last query T-1 sees blocks with
-    (b+1)K <= T-w. Blocks no query can see get no summary (w >= T -> none: plain causal)."""
+    [bK, (b+1)K)) is visible to query i iff (b+1)K <= mega_local_start(i), so the last query T-1
+    sees (T-w)//K blocks. Blocks no query can see get no summary (w >= T -> none: plain causal)."""
     return max(0, (T - w) // K)
 
 
@@ -189,8 +196,9 @@ def mega_mask_mod(T, w, K):
     evaluated on broadcast index grids for the dense mask, so both paths share one definition."""
     def mask_mod(b, h, q_idx, kv_idx):
         q_win, kv_win = q_idx < T, kv_idx < T
-        local = (kv_idx <= q_idx) & (kv_idx > q_idx - w)               # entry -> entries in window
-        far = (kv_idx - T + 1) * K <= q_idx - w + 1                     # entry -> summary of a far block
+        start = mega_local_start(q_idx, w, K)
+        local = (kv_idx <= q_idx) & (kv_idx >= start)                   # entry -> entries in window
+        far = (kv_idx - T + 1) * K <= start                             # entry -> summary of a far block
         own = kv_idx // K == q_idx - T                                  # summary -> its block's entries
         return ((q_win & kv_win & local) | (q_win & ~kv_win & far)
                 | (~q_win & kv_win & own) | (~q_win & (kv_idx == q_idx)))

@@ -45,8 +45,9 @@ def visible_keys(i, T, w, K):
     """The spec, written out per query (independently of mega_mask_mod)."""
     S = mega_num_summaries(T, w, K)
     if i < T:
-        keys = [j for j in range(T) if i - w < j <= i]
-        keys += [T + b for b in range(S) if (b + 1) * K - 1 < i - w + 1]   # block entirely before window
+        start = max(0, i - w + 1) // K * K                  # the window's start, rounded down to a block
+        keys = [j for j in range(T) if start <= j <= i]
+        keys += [T + b for b in range(S) if (b + 1) * K <= start]           # blocks entirely before it
     else:
         b = i - T
         keys = list(range(b * K, (b + 1) * K)) + [i]
@@ -80,21 +81,25 @@ def test_mask_properties(T, w, K):
         col = m[:T, T + b]
         # a summary is never visible to queries at or before its block's end ...
         assert not col[:end].any()
-        # ... and visible exactly once the local window has passed the whole block
+        # ... and visible exactly once the (block-aligned) local window has passed the whole block
         for i in range(T):
-            assert bool(col[i]) == (i - w + 1 >= end)
+            assert bool(col[i]) == (max(0, i - w + 1) // K * K >= end)
         # the summary's own row: its block and itself only (its K/V come from its block only)
         row = m[T + b]
         assert row[b * K:end].all() and row[T + b]
         assert row.sum() == K + 1
-    # key count per entry query: min(i+1, w) local + floor((i-w+1)/K) summaries ~ w + (i-w)/K
+    # key count per entry query: (i+1 - start) local (w..w+K-1 once past w) + start/K summaries
     counts = ent.sum(1) + m[:T, T:].sum(1)
     for i in range(T):
-        want = min(i + 1, w) + (max(0, i - w + 1) // K)
-        assert counts[i] == want, (i, counts[i], want)
-    # entries inside far blocks are never seen in full detail
+        start = max(0, i - w + 1) // K * K
+        assert counts[i] == (i + 1 - start) + start // K, (i, counts[i])
+        assert min(i + 1, w) <= i + 1 - start <= min(i + 1, w + K - 1)
+    # full coverage: every earlier entry is seen exactly once, in full or through its block's summary
     for i in range(T):
-        assert not ent[i, : max(0, i - w + 1)].any()
+        start = max(0, i - w + 1) // K * K
+        assert not ent[i, :start].any(), "entries inside far blocks are never seen in full detail"
+        seen_by_summary = sum(K for b in range(S) if m[i, T + b])
+        assert seen_by_summary == start and ent[i, start:i + 1].all()
 
 
 def test_num_summaries_and_cost():
@@ -193,11 +198,12 @@ def test_window_covering_everything_is_plain_causal():
     ref = model(x, mega=0)
     torch.testing.assert_close(model(x), ref, atol=0, rtol=0)          # S = 0: exactly the plain model
     torch.testing.assert_close(model(x, mega=1000), ref, atol=0, rtol=0)
-    # w < T: the first w queries still see everything (plain causal); later ones do not
+    # w < T: until the block-aligned window start passes entry 0 (query w+K-1), queries see
+    # everything (plain causal); later ones do not
     for w in (56, 20):
-        out = model(x, mega=w)
-        torch.testing.assert_close(out[:, :w], ref[:, :w], atol=1e-5, rtol=1e-5)
-        assert (out[:, w:] - ref[:, w:]).abs().amax(-1).min() > 1e-4
+        out, first = model(x, mega=w), w + 8 - 1
+        torch.testing.assert_close(out[:, :first], ref[:, :first], atol=1e-5, rtol=1e-5)
+        assert (out[:, first:] - ref[:, first:]).abs().amax(-1).min() > 1e-4
 
 
 def test_model_sdpa_matches_naive_layers_and_flex():
