@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 PY="${PY:-python3}"
 CONFIG="${CONFIG:-mc_h100}"
 BUDGET="${BUDGET:-}"                      # minutes of MC training (default: the config's time_budget_min)
-BENCH="${BENCH:-1}"                       # 0: skip the MC-vs-plain throughput benchmark
+BENCH="${BENCH:-0}"                       # 1: also the MC-vs-plain throughput bench (~2 min; scripts/gpu_bench.sh has it)
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}" PYTHONUNBUFFERED=1
 RESULTS_DIR="${RESULTS_DIR:-}"
 LOG="${RESULTS_DIR:-$(mktemp -d)}"   # logs stream straight into RESULTS_DIR when given
