@@ -169,11 +169,11 @@ class MCStep(nn.Module):
         table = torch.cat([x.to(levels[0].dtype) for x in levels], dim=1)
         return table.reshape(B * table.size(1), -1), table.size(1)
 
-    def forward(self, ids, N, plan, weights=None, plain_ids=None, rng_probe=None):
+    def forward(self, ids, N, plan, weights=None, plain_ids=None):
         m, K, H = self.model, self.K, self.H
         B, T = ids.shape
         dev = ids.device
-        offs, T_tab = level_offsets(T, K, self.L)
+        offs, _ = level_offsets(T, K, self.L)
         table, T_tab = self.build_table(ids)
         metrics = {}
 
@@ -198,10 +198,8 @@ class MCStep(nn.Module):
         legal = bl >= 1
         pick_top = scores.detach().masked_fill(~legal, float("-inf")).argmax(1)
         # random legal entries (Gumbel-max over a uniform distribution on legal entries)
-        if "probe_noise" in plan and plan["probe_noise"].size(-1) == self.n_probe - 1:
-            gum = plan["probe_noise"][:, :Wb]
-        else:
-            gum = torch.rand(B, Wb, self.n_probe - 1, device=dev, generator=rng_probe)
+        gum = plan["probe_noise"][:, :Wb]                                     # drawn by make_plan
+        assert gum.size(-1) == self.n_probe - 1, "make_plan's n_probe must match MCStep's"
         rand_pick = gum.masked_fill(~legal[..., None], -1.0).argmax(1)        # (B, n_probe-1)
         oracle = plan["oracle"]
         if self.n_probe > 1:   # n_probe = 1: LensNet's own pick only, no random or oracle probe

@@ -23,14 +23,17 @@ MegaAttention (config.mega_attn_window = w > 0; off by default, needs config.meg
   appended after the T input entries and positioned like the span it covers (mean position,
   Gaussian spread sigma^2 = var(positions) + mean(sigma^2): exactly the working context's
   "gaussian" convention for a gist);
-- an input entry i sees entries i-w < j <= i plus the summaries of blocks ending at or before
-  i-w+1; a summary sees its own block and itself (so a summary is never visible from its block or
-  from earlier entries); loss/logits only for the T input entries;
+- an input entry i sees entries from mega_local_start(i) = i-w+1 rounded down to a block
+  boundary up to i, plus the summaries of every block before that start (so each earlier entry is
+  seen once, in full or through its block's summary); a summary sees its own block and itself (so
+  a summary is never visible from its block or from earlier entries); loss/logits only for the T
+  input entries;
 - one predicate (`mega_mask_mod`) gives both the dense boolean mask (SDPA: CPU and reference) and
   the FlexAttention BlockMask (CUDA), each built once per layout (T, w, K).
 """
 import math
 import warnings
+import functools
 from dataclasses import dataclass, asdict
 
 import torch
@@ -212,28 +215,21 @@ def mega_attention_mask(T, w, K, device=None):
     return mega_mask_mod(T, w, K)(None, None, i[:, None], i[None, :])
 
 
-_mega_mask_cache = {}
-
-
 @torch.compiler.disable
 def mega_mask(T, w, K, device, impl="sdpa"):
     """The mask for one layout, built once and cached: a dense bool (L, L) for impl "sdpa", a
     FlexAttention BlockMask for "flex"."""
-    device = torch.device(device)
-    key = (T, w, K, str(device), impl)
-    m = _mega_mask_cache.get(key)
-    if m is None:
-        if impl == "flex":
-            if create_block_mask is None:
-                raise RuntimeError("FlexAttention is not available in this torch build")
-            L = T + mega_num_summaries(T, w, K)
-            m = create_block_mask(mega_mask_mod(T, w, K), None, None, L, L, device=device)
-        else:
-            m = mega_attention_mask(T, w, K, device)
-        if len(_mega_mask_cache) >= 8:  # dense masks are L^2 bytes (85 MB at L = 9216)
-            _mega_mask_cache.pop(next(iter(_mega_mask_cache)))
-        _mega_mask_cache[key] = m
-    return m
+    return _mega_mask(T, w, K, str(torch.device(device)), impl)
+
+
+@functools.lru_cache(maxsize=8)  # dense masks are L^2 bytes (85 MB at L = 9216)
+def _mega_mask(T, w, K, device, impl):
+    if impl != "flex":
+        return mega_attention_mask(T, w, K, device)
+    if create_block_mask is None:
+        raise RuntimeError("FlexAttention is not available in this torch build")
+    L = T + mega_num_summaries(T, w, K)
+    return create_block_mask(mega_mask_mod(T, w, K), None, None, L, L, device=device)
 
 
 def mega_summary_positions(pos, sigma, K, S):

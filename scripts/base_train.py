@@ -43,16 +43,14 @@ class MCBatcher:
 
     def __init__(self, tokenizer, cfg, rank, device):
         self.tok, self.cfg, self.device = tokenizer, cfg, device
-        self.rng = np.random.default_rng(cfg.seed + 1000 * rank)
-        self.gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)
+        self.rng = np.random.default_rng(cfg.seed + 1000 * rank)  # every draw: tasks, windows, probes
 
     def state_dict(self):
-        """Where the sampling streams stand (saved with the loader state, so a resume is exact)."""
-        return {"rng": self.rng.bit_generator.state, "gen": self.gen.get_state()}
+        """Where the sampling stream stands (saved with the loader state, so a resume is exact)."""
+        return {"rng": copy.deepcopy(self.rng.bit_generator.state)}
 
     def load_state_dict(self, st):
         self.rng.bit_generator.state = st["rng"]
-        self.gen.set_state(st["gen"].cpu() if hasattr(st["gen"], "cpu") else st["gen"])
 
     def __call__(self, x):
         cfg, rng = self.cfg, self.rng
@@ -74,7 +72,7 @@ class MCBatcher:
         dev = self.device
         plan = {k: torch.from_numpy(v).to(dev, non_blocking=True) for k, v in plan.items()}
         return (torch.from_numpy(ids).to(dev), torch.from_numpy(N).to(dev), plan,
-                torch.from_numpy(weights).to(dev), None, self.gen)
+                torch.from_numpy(weights).to(dev), None)
 
 
 @dataclass
@@ -290,8 +288,7 @@ def main():
             bx, _ = next(loader_iter)
             state = train_loader.state_dict()              # where the batch after bx starts
             out = batcher(bx)
-            # the sampler's stream right after bx's draws; the probe generator is read at save time
-            state["mc"] = {"rng": copy.deepcopy(batcher.rng.bit_generator.state)}
+            state["mc"] = batcher.state_dict()             # the sampler's stream right after bx's draws
             return state, out
 
         fut = pool.submit(next_batch)
@@ -327,8 +324,6 @@ def main():
                     print0(f"sample: {prompt!r} -> {tokenizer.decode(out)!r}")
         if last or (cfg.save_every > 0 and step > start_step and step % cfg.save_every == 0):
             meta = {"history": history, "val_bpb": val_bpb, "num_params": num_params}
-            if cfg.megacontext and loader_state is not None and "mc" in loader_state:
-                loader_state["mc"]["gen"] = batcher.gen.get_state()  # all of its draws so far were consumed
             save_checkpoint(out_dir, step, orig_model, optimizers, loader_state, asdict(cfg), meta)
         if last:
             break

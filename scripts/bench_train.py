@@ -131,7 +131,6 @@ def bench_mc_step(args, raw, step, timed, device, rank, ddp, local_rank, world):
     mc = MCStep(raw, args.mc_W, args.mc_H, args.mc_random_wcs, args.mc_probes)
     fwd = DDP(mc, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else mc
     rng = np.random.default_rng(rank)
-    gen = torch.Generator(device=device).manual_seed(rank)
     N = np.full(B, T - args.mc_H, np.int64)
 
     def make_inputs(i):
@@ -139,7 +138,7 @@ def bench_mc_step(args, raw, step, timed, device, rank, ddp, local_rank, world):
         plan = make_plan(N, T, args.mc_block_size, args.mc_W, args.mc_H, args.mc_max_level, args.mc_random_wcs, rng,
                          n_probe=args.mc_probes)
         plan = {k: torch.from_numpy(v).to(device) for k, v in plan.items()}
-        return ids, torch.from_numpy(N).to(device), plan, None, None, gen
+        return ids, torch.from_numpy(N).to(device), plan
 
     dt, mem = timed(fwd, make_inputs)
     rows = B * (1 + args.mc_random_wcs + 1 + args.mc_probes)

@@ -88,10 +88,10 @@ def plan_tensors(N, rng, n_random=2, needle=None, t=T, w=W, h=H, k=K, lv=L):
 
 
 def mc_inputs(ids, N, seed=0, needle=None):
-    """What MCBatcher hands MCStep: ids, N, plan, weights, plain_ids, rng_probe."""
+    """What MCBatcher hands MCStep: ids, N, plan, weights, plain_ids."""
     N = np.asarray(N, np.int64)
     plan = plan_tensors(N, np.random.default_rng(seed), needle=needle)
-    return torch.as_tensor(ids), torch.from_numpy(N), plan, None, None, torch.Generator().manual_seed(seed)
+    return torch.as_tensor(ids), torch.from_numpy(N), plan, None, None
 
 
 def step_once(step, opts, inputs):
@@ -209,7 +209,7 @@ def test_mc_batcher_task_rows_cut_at_the_answer(tiny_tokenizer):
     from scripts.base_train import MCBatcher, TrainConfig
     cfg = TrainConfig(mc_context_len=1024, mc_W=64, mc_H=16, mc_block_size=8, mc_max_level=2, mc_task_rate=1.0)
     x = torch.randint(0, tiny_tokenizer.get_vocab_size(), (4, 1024), generator=torch.Generator().manual_seed(0))
-    ids, N, plan, weights, _, _ = MCBatcher(tiny_tokenizer, cfg, rank=0, device=torch.device("cpu"))(x)
+    ids, N, plan, weights, _ = MCBatcher(tiny_tokenizer, cfg, rank=0, device=torch.device("cpu"))(x)
     again = MCBatcher(tiny_tokenizer, cfg, rank=0, device=torch.device("cpu"))(x)
     other = MCBatcher(tiny_tokenizer, cfg, rank=1, device=torch.device("cpu"))(x)
     assert torch.equal(ids, again[0]) and torch.equal(N, again[1])
@@ -246,7 +246,7 @@ def plain_vs_mc():
         model = mc_model(seed=0)
         opts = build_optimizers(model)
         step = MCStep(model, W, H, mc_weight=weight)
-        rng, plan_rng, g = np.random.default_rng(0), np.random.default_rng(1), torch.Generator().manual_seed(0)
+        rng, plan_rng = np.random.default_rng(0), np.random.default_rng(1)
         with torch.no_grad():
             init = model(held[:, :-1], held[:, 1:]).item()
         for _ in range(steps):
@@ -260,7 +260,7 @@ def plain_vs_mc():
                 model.zero_grad(set_to_none=True)
             else:
                 N = np.full(2, T - H)
-                step_once(step, opts, (ids, torch.from_numpy(N), plan_tensors(N, plan_rng), None, None, g))
+                step_once(step, opts, (ids, torch.from_numpy(N), plan_tensors(N, plan_rng), None, None))
         with torch.no_grad():
             out[name] = {"init": init, "final": model(held[:, :-1], held[:, 1:]).item()}
     out["default_mc_weight"] = default
@@ -350,12 +350,12 @@ def test_gradients_reach_gistnet_from_the_mc_loss_and_lensnet_from_its_loss():
 def test_mc_loss_goes_down():
     model = mc_model(seed=1)
     step, opts = MCStep(model, W, H), build_optimizers(model)
-    rng, plan_rng, g = np.random.default_rng(0), np.random.default_rng(1), torch.Generator().manual_seed(0)
+    rng, plan_rng = np.random.default_rng(0), np.random.default_rng(1)
     hist = []
     for _ in range(15):
         ids = torch.from_numpy(stream(rng, 2, T))
         N = np.array([T - H, T - H])
-        loss, m = step_once(step, opts, (ids, torch.from_numpy(N), plan_tensors(N, plan_rng), None, None, g))
+        loss, m = step_once(step, opts, (ids, torch.from_numpy(N), plan_tensors(N, plan_rng), None, None))
         hist.append({k: float(v) for k, v in m.items()} | {"total": float(loss)})
     assert all(math.isfinite(h["total"]) for h in hist)
     first, last = hist[0], {k: np.mean([h[k] for h in hist[-3:]]) for k in hist[0]}
