@@ -18,22 +18,17 @@ import torch.nn.functional as F
 
 from megacontext.working_context import WorkingContext
 from megacontext.focus import FocusAllocator
+from megacontext.mctrain import build_table, level_offsets
 from nanochat.gpt import lens_features
 
 
 @torch.no_grad()
-def build_levels(model, ids, chunk_blocks=8192):
-    """ids (N,) on device -> node table (rows: tokens, LOD1 gists, LOD2 ...) and level offsets."""
-    K, L = model.config.mc_block_size, model.config.mc_max_level
-    levels = [model.embed(ids)]
-    for l in range(1, L + 1):
-        prev = levels[-1]
-        n = prev.size(0) // K
-        blocks = prev[: n * K].view(n, K, -1)
-        out = [model.gistnet(blocks[i:i + chunk_blocks], l) for i in range(0, n, chunk_blocks)]
-        levels.append(torch.cat(out).to(levels[0].dtype) if out else prev[:0])
-    offs = np.cumsum([0] + [x.size(0) for x in levels[:-1]]).tolist()
-    return torch.cat(levels), offs
+def build_levels(model, ids):
+    """ids (N,) on device -> node table (rows: tokens, LOD1 gists, LOD2 ...) and level offsets:
+    the training step's table (mctrain.build_table) for one sequence."""
+    table, _ = build_table(model, ids[None])
+    c = model.config
+    return table, level_offsets(ids.size(0), c.mc_block_size, c.mc_max_level)[0]
 
 
 def entry_inputs(model, table, offs, wc):

@@ -42,6 +42,24 @@ def level_offsets(T, K, max_level):
     return offs, o
 
 
+def build_table(model, ids):
+    """(B, T) ids -> flattened node table (B*T_tab, D): tokens, then the gists of every level, one
+    GistNet call per level for the whole batch. Rows of sample b start at b*T_tab; within a
+    sample, level l starts at level_offsets(T, K, L)[0][l]. Training and the evals share it."""
+    K, L = model.config.mc_block_size, model.config.mc_max_level
+    B, T = ids.shape
+    levels = [model.embed(ids)]
+    for l in range(1, L + 1):
+        prev = levels[-1]
+        n = prev.size(1) // K
+        if n == 0:      # a history too short for this level (evals on short inputs)
+            levels.append(prev[:, :0])
+            continue
+        levels.append(model.gistnet(prev[:, :n * K].reshape(B * n, K, -1), l).view(B, n, -1))
+    table = torch.cat([x.to(levels[0].dtype) for x in levels], dim=1)
+    return table.reshape(B * table.size(1), -1), table.size(1)
+
+
 def make_plan(N, T, K, W, H, max_level, n_random, rng, needle_pos=None, tail=None, n_probe=4):
     """CPU side of one step. N: (B,) cut points. Returns numpy arrays:
     rows_*: (B*(1+n_random), W) sampled windows (recency first per sample); base_*: (B, W-K+1)
@@ -157,17 +175,7 @@ class MCStep(nn.Module):
         self.lens_tail = lens_tail
 
     def build_table(self, ids):
-        """(B, T) ids -> flattened node table (B*T_tab, D): tokens then gists of every level."""
-        m, K = self.model, self.K
-        B, T = ids.shape
-        levels = [m.embed(ids)]
-        for l in range(1, self.L + 1):
-            prev = levels[-1]
-            n = prev.size(1) // K
-            g = m.gistnet(prev[:, :n * K].reshape(B * n, K, -1), l).view(B, n, -1)
-            levels.append(g)
-        table = torch.cat([x.to(levels[0].dtype) for x in levels], dim=1)
-        return table.reshape(B * table.size(1), -1), table.size(1)
+        return build_table(self.model, ids)
 
     def forward(self, ids, N, plan, weights=None, plain_ids=None):
         m, K, H = self.model, self.K, self.H
@@ -234,6 +242,9 @@ class MCStep(nn.Module):
         # probe rows are not real windows and stay out of both losses
         has_legal = legal.any(1)                                                # (B,)
         row_ok = torch.cat([torch.ones(B * nr + B, device=dev), has_legal.float().repeat_interleave(P)])
+        # rows count by their largest target weight: row_nll normalises weights within a row, so
+        # without this a task row (its horizon is the answer alone) would ignore mc_answer_weight
+        row_ok = row_ok * tw.amax(1).clamp(min=1e-6)
         mc_loss = (nll * row_ok).sum() / row_ok.sum()
         metrics["loss_mc"] = mc_loss.detach()
         metrics["loss_recency"] = nll[: B * nr].view(B, nr)[:, 0].mean().detach()

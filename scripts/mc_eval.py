@@ -6,7 +6,8 @@ Evaluate a MegaContext checkpoint: does focus remember? Prints one JSON object, 
 
 - Passkey / multi-key NIAH accuracy by history length (mults x W) and needle depth, for the
   policies in megacontext/evals.py (lens, recency, random, window, full). Eval examples come
-  from held-out seeds, phrasings and answer values (megacontext/tasks.py).
+  from held-out seeds, phrasings and answer values (megacontext/tasks.py); the same examples in
+  a training phrasing are scored too ("accuracy_train_phrasing").
 - ΔNLL@H of substituting one LOD1 block (vs LOD0) and one LOD2 block (vs LOD1) on held-out text.
 - Loss vs distance: next-H-token NLL on held-out text as the history grows, per policy.
 """
@@ -41,6 +42,7 @@ class EvalConfig:
     rounds: int = 8                  # refocus rounds for lens/random
     full_max: int = 0                # longest history for full attention (0: the model's sequence_len)
     dnll_n: int = 8
+    train_phrasing: bool = True      # also score the training phrasings (eval seeds and values)
     replot: bool = False             # only redraw the plots from <out>/mc_eval.json (no model needed)
     H: int = 64
     device: str = ""
@@ -137,32 +139,42 @@ def main():
     rng = np.random.default_rng(cfg.seed)
     t0 = time.time()
 
-    acc, by_depth = {}, {}
-    for task in task_names:
-        acc[task], by_depth[task] = {}, {}
-        for m in mults:
-            L = m * W
-            hits = {p: [] for p in policies}
-            depth_hits = {}
-            for i in range(cfg.n):
-                cell = mults.index(m) * len(task_names) + task_names.index(task)   # one seed range per (task, L)
-                erng = tasks.task_rng("eval", cell * 1_000_000 + i)
-                depth = (i + 0.5) / cfg.n
-                kw = {"depth": depth} if task == "passkey" else {}
-                ex = tasks.make_example(task, erng, L, filler, tokenizer.encode, fmt=tasks.EVAL_FMTS[0],
-                                        split="eval", **kw)
-                N = ex["answer_start"]
-                cont = ex["ids"][N:]
-                with autocast:
-                    r = eval_example(model, ex["ids"], N, cont, W, policies, cfg.rounds, rng, full_max)
-                for p, v in r.items():
-                    hits[p].append(v["correct"])
-                    depth_hits.setdefault(p, {}).setdefault(round(depth, 2), []).append(v["correct"])
-            acc[task][str(L)] = {p: float(np.mean(h)) for p, h in hits.items() if h}
-            by_depth[task][str(L)] = {p: {d: float(np.mean(v)) for d, v in dd.items()} for p, dd in depth_hits.items()}
-            print0(f"{task} @ {L} tokens ({m}x W): " + ", ".join(f"{p} {a:.2f}" for p, a in acc[task][str(L)].items())
-                   + f"  [{time.time() - t0:.0f}s]")
-            atomic_write_json(os.path.join(out_dir, "mc_eval.partial.json"), {"accuracy": acc, "accuracy_by_depth": by_depth})
+    partial = {}
+
+    def task_accuracy(fmt, label):
+        """Accuracy by (task, history length, policy) and by needle depth, for one phrasing."""
+        acc, by_depth = {}, {}
+        for task in task_names:
+            acc[task], by_depth[task] = {}, {}
+            for m in mults:
+                L = m * W
+                hits = {p: [] for p in policies}
+                depth_hits = {}
+                for i in range(cfg.n):
+                    cell = mults.index(m) * len(task_names) + task_names.index(task)   # one seed range per (task, L)
+                    erng = tasks.task_rng("eval", cell * 1_000_000 + i)
+                    depth = (i + 0.5) / cfg.n
+                    kw = {"depth": depth} if task == "passkey" else {}
+                    ex = tasks.make_example(task, erng, L, filler, tokenizer.encode, fmt=fmt, split="eval", **kw)
+                    N = ex["answer_start"]
+                    cont = ex["ids"][N:]
+                    with autocast:
+                        r = eval_example(model, ex["ids"], N, cont, W, policies, cfg.rounds, rng, full_max)
+                    for p, v in r.items():
+                        hits[p].append(v["correct"])
+                        depth_hits.setdefault(p, {}).setdefault(round(depth, 2), []).append(v["correct"])
+                acc[task][str(L)] = {p: float(np.mean(h)) for p, h in hits.items() if h}
+                by_depth[task][str(L)] = {p: {d: float(np.mean(v)) for d, v in dd.items()} for p, dd in depth_hits.items()}
+                print0(f"{label}{task} @ {L} tokens ({m}x W): "
+                       + ", ".join(f"{p} {a:.2f}" for p, a in acc[task][str(L)].items()) + f"  [{time.time() - t0:.0f}s]")
+                partial["accuracy_train_phrasing" if label else "accuracy"] = acc
+                atomic_write_json(os.path.join(out_dir, "mc_eval.partial.json"), partial)
+        return acc, by_depth
+
+    # the headline: held-out phrasing; then the training phrasings (still eval seeds and values),
+    # which tells "never learned the task" apart from "did not transfer to a new phrasing"
+    acc, by_depth = task_accuracy(tasks.EVAL_FMTS[0], "")
+    acc_train_fmt = task_accuracy(tasks.TRAIN_FMTS[0], "[train phrasing] ")[0] if cfg.train_phrasing else {}
 
     # ΔNLL@H of substitution, on held-out text
     dnll = {}
@@ -199,7 +211,7 @@ def main():
 
     results = {"config": {**cfg.__dict__, "W": W, "full_max": full_max, "run_dir": run_dir,
                           "pos_scheme": model.config.pos_scheme, "device": str(device)},
-               "accuracy": acc, "accuracy_by_depth": by_depth, "dnll": dnll, "loss_vs_distance": lvd,
+               "accuracy": acc, "accuracy_by_depth": by_depth, "accuracy_train_phrasing": acc_train_fmt, "dnll": dnll, "loss_vs_distance": lvd,
                "eval_seconds": round(time.time() - t0, 1)}
     results["plots"] = plot(results, out_dir, W)
     atomic_write_json(os.path.join(out_dir, "mc_eval.json"), results)

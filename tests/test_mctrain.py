@@ -363,6 +363,36 @@ def test_mc_loss_goes_down():
     assert last["loss_mc"] < first["loss_mc"] - 1.0 and last["loss_plain"] < first["loss_plain"] - 1.0, (first, last)
     assert last["total"] < first["total"] - 2.0
 
+def test_node_table_of_a_history_too_short_for_the_top_level():
+    """The evals build tables for short histories too: a level with no full block is empty."""
+    from megacontext.evals import build_levels
+    model = mc_model(seed=0)
+    ids = torch.from_numpy(stream(np.random.default_rng(0), 1, K + 3))[0]
+    table, offs = build_levels(model, ids)
+    assert table.shape[0] == K + 3 + 1 and offs == [0, K + 3, K + 4]
+
+
+def test_answer_weight_scales_whole_task_rows_in_the_horizon_loss():
+    """row_nll normalises weights inside a row, and a task row's horizon is its answer alone, so
+    mc_answer_weight must act across rows: a sample weighted 4 counts 4x in loss_mc."""
+    model = mc_model(seed=0, perturbed=True)
+    step = MCStep(model, W, H)
+    ids = torch.from_numpy(stream(np.random.default_rng(0), 2, T))
+    N = [T - H, T - H]
+
+    def loss_mc(w0, w1):
+        ids_, N_, plan, _, _ = mc_inputs(ids, N)
+        w = torch.ones(2, T)
+        w[0], w[1] = w0, w1
+        with torch.no_grad():
+            return step(ids_, N_, plan, w, None)[1]["loss_mc"].item()
+
+    a, b = loss_mc(1.0, 0.0), loss_mc(0.0, 1.0)       # each sample's rows alone
+    assert abs(loss_mc(1.0, 1.0) - (a + b) / 2) < 1e-4
+    assert abs(loss_mc(4.0, 1.0) - (4 * a + b) / 5) < 1e-4
+    assert abs(a - b) > 1e-3                          # the check above can tell the weights apart
+
+
 # ----------------------------------------------------------------------------- training windows
 
 
