@@ -15,6 +15,8 @@ Pretraining documents: the FineWeb-Edu parquet shards nanochat uses, or a small 
 - Bundled corpus (nanochat/data/bundled.jsonl.gz, ~2.8 MB of Milton and Shakespeare, see
   nanochat/data/make_bundled.py): each ~20 KB document is its own group, for the CPU path and
   tests with no network.
+- Python sources (`pysrc`): the interpreter's own .py files, tens of MB with no download, for
+  GPU runs on machines without network (the bundled corpus is memorised within minutes there).
 """
 import os
 import sys
@@ -113,12 +115,57 @@ def bundled_iter_batched(split, start=0, step=1):
         yield [docs[g]["text"]]
 
 
+# ---------------------------------------------------------------------------- Python sources
+
+
+@lru_cache(maxsize=1)
+def pysrc_files():
+    """{"train": [path], "val": [path]}: every .py file of this interpreter's standard library and
+    site-packages, sorted; a file is val when the sha1 of its relative path is 0 mod 50. Tens of MB
+    of real text on any machine, no download: for GPU runs that must not depend on a network and
+    would overfit the bundled corpus (its content follows the installed Python and packages)."""
+    import sysconfig
+    roots = sorted({os.path.realpath(sysconfig.get_paths()[k]) for k in ("stdlib", "purelib")})
+    seen, out = set(), {"train": [], "val": []}
+    for root in roots:
+        for d, dirs, files in os.walk(root):
+            dirs.sort()
+            for f in sorted(files):
+                path = os.path.realpath(os.path.join(d, f))
+                if not f.endswith(".py") or path in seen:
+                    continue
+                seen.add(path)
+                rel = os.path.relpath(path, root)
+                val = int(hashlib.sha1(rel.encode()).hexdigest(), 16) % 50 == 0
+                out["val" if val else "train"].append(path)
+    if not out["train"] or not out["val"]:
+        fail(f"data source pysrc: too few .py files under {roots}")
+    return out
+
+
+def pysrc_iter_batched(split, start=0, step=1, group_size=64):
+    if split not in ("train", "val"):
+        fail(f"split must be train or val, got {split!r}")
+    files = pysrc_files()[split]
+    for g in range(start, (len(files) + group_size - 1) // group_size, step):
+        texts = []
+        for path in files[g * group_size:(g + 1) * group_size]:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                texts.append(f.read())
+        yield texts
+
+
+SOURCES = ("bundled", "fineweb", "pysrc")
+
+
 def documents_iter_batched(source, split, start=0, step=1, data_dir=None):
     if source == "bundled":
         return bundled_iter_batched(split, start, step)
     if source == "fineweb":
         return parquets_iter_batched(split, start, step, data_dir)
-    fail(f"unknown data source {source!r}: use bundled or fineweb")
+    if source == "pysrc":
+        return pysrc_iter_batched(split, start, step)
+    fail(f"unknown data source {source!r}: use one of {', '.join(SOURCES)}")
 
 # ---------------------------------------------------------------------------- downloading
 

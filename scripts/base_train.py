@@ -80,7 +80,7 @@ class TrainConfig:
     run: str = "base"                 # run name: checkpoints in <base_dir>/runs/<run> unless out_dir set
     out_dir: str = ""
     tokenizer_dir: str = ""           # default <base_dir>/tokenizer
-    data: str = "fineweb"             # fineweb | bundled
+    data: str = "fineweb"             # fineweb | bundled | pysrc
     device: str = ""                  # cuda | cpu | mps; empty = autodetect
     seed: int = 1337
     # model

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from nanochat.common import main_guard, get_base_dir, print0, fail
 from nanochat.configurator import parse_config
-from nanochat.dataset import documents_iter_batched
+from nanochat.dataset import documents_iter_batched, SOURCES
 from nanochat.tokenizer import Tokenizer
 
 
@@ -24,16 +24,15 @@ class TokTrainConfig:
     vocab_size: int = 65536
     max_chars: int = 2_000_000_000   # train on at most this many characters
     doc_cap: int = 10_000            # crop each document to this many characters
-    data: str = "fineweb"            # fineweb | bundled
+    data: str = "fineweb"            # fineweb | bundled | pysrc
     out: str = ""                    # default: <base_dir>/tokenizer
     eval_chars: int = 10_000_000     # val characters for the compression number
 
 
 def main():
     args = parse_config(TokTrainConfig, section="tok_train")
-    if args.data not in ("bundled", "fineweb"):
-
-        fail(f"--data must be 'bundled' or 'fineweb', got {args.data!r}")
+    if args.data not in SOURCES:
+        fail(f"--data must be one of {', '.join(SOURCES)}, got {args.data!r}")
     out = args.out or os.path.join(get_base_dir(), "tokenizer")
 
     seen = {"chars": 0, "docs": 0}

@@ -209,3 +209,19 @@ def test_bundled_corpus():
     assert [len(x) for x in batches] == [1] * n_val and all(isinstance(x[0], str) for x in batches)
     r0, r1 = list(documents_iter_batched("bundled", "train", 0, 2)), list(documents_iter_batched("bundled", "train", 1, 2))
     assert len(r0) + len(r1) == n_train and not {x[0] for x in r0} & {x[0] for x in r1}
+
+
+def test_pysrc_corpus_is_large_split_by_path_and_sharded_by_rank():
+    from nanochat.dataset import pysrc_files
+    files = pysrc_files()
+    train, val = files["train"], files["val"]
+    assert not set(train) & set(val) and all(p.endswith(".py") for p in train + val)
+    assert 0.005 < len(val) / (len(train) + len(val)) < 0.05
+    assert sum(os.path.getsize(p) for p in train) > 10_000_000, "tens of MB: an H100 run must not overfit it"
+    r0 = list(documents_iter_batched("pysrc", "val", 0, 2))
+    r1 = list(documents_iter_batched("pysrc", "val", 1, 2))
+    docs = [d for g in r0 + r1 for d in g]
+    assert len(docs) == len(val) and all(isinstance(d, str) for d in docs)
+    assert r0[0][0] == open(val[0], encoding="utf-8", errors="replace").read()
+    with pytest.raises(UserError, match="unknown data source"):
+        documents_iter_batched("pysource", "train")
