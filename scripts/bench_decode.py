@@ -10,15 +10,19 @@ perturbed so that refocus really edits the window (and the cache really gets cut
 model's would. MC: ingest the history (random tokens, on-disk tree in a temp dir), refocus,
 prefill the window, then time --steps generate() steps (sampling, tree/WC append, cache reuse,
 refocus every K). Full: the plain Engine's cache over history + steps tokens, chunked prefill,
-then --steps one-token decode steps; "skipped" past --max-full tokens, "oom" if it does not fit.
-Memory: peak allocated GPU memory (CUDA), else the process's current RSS after the run.
+then --steps one-token decode steps; "skipped" past --max-full tokens, {"oom": phase, ...} if it
+does not fit. Both time --steps steps after --warmup untimed ones.
+Memory: peak allocated GPU memory (CUDA), else the process's current RSS after the run. Every
+measurement runs in its own child process (same seed, same weights).
 """
 import os
 import gc
+import sys
 import json
 import time
 import shutil
 import argparse
+import subprocess
 import tempfile
 
 import numpy as np
@@ -58,6 +62,9 @@ def bench_mc(model, ids, args, device, autocast, root):
         s.logits()  # prefill the window
         synchronize(device.type)
         prefill_s = time.perf_counter() - t0
+        for _ in s.generate(args.warmup, temperature=1.0, top_k=50, seed=1):   # kernels, allocator: untimed
+            pass
+        synchronize(device.type)
         c0 = dict(s.counters)
         t0 = time.perf_counter()
         for _ in s.generate(args.steps, temperature=1.0, top_k=50, seed=0):
@@ -81,13 +88,18 @@ def bench_full(model, ids, args, device, autocast):
         return "skipped"
     reset_mem(device)
     engine = Engine(model, autocast=autocast)
+    phase = "cache"
     try:
-        cache = engine.new_cache(1, len(ids) + args.steps)
+        cache = engine.new_cache(1, len(ids) + args.warmup + args.steps)
+        phase = "prefill"
         logits = engine.prefill(torch.from_numpy(ids)[None].to(device), cache)
         synchronize(device.type)
         rng = torch.Generator(device=device).manual_seed(0)
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
+        for i in range(args.warmup + args.steps):
+            if i == args.warmup:
+                synchronize(device.type)
+                t0 = time.perf_counter()
+            phase = f"decode step {i}"
             nxt = sample_next(logits, rng, 1.0, 50)
             int(nxt[0, 0])  # the host needs every token, as in generate()
             logits = engine._fwd(nxt, kv_cache=cache)[:, -1]
@@ -95,11 +107,60 @@ def bench_full(model, ids, args, device, autocast):
         dt = time.perf_counter() - t0
         return {"tok_per_s": round(args.steps / dt, 2), "ms_per_tok": round(dt / args.steps * 1e3, 3),
                 "mem_mb": round(mem_mb(device), 1)}
-    except (torch.cuda.OutOfMemoryError, MemoryError):
-        return "oom"
+    except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+        # say where and how much: an OOM is a result only when the KV cache really does not fit
+        return {"oom": phase, "mem_mb": round(mem_mb(device), 1), "error": str(e).splitlines()[0][:300]}
     finally:
         cache = logits = None
         reset_mem(device)
+
+
+def make_config(args):
+    width = args.width or args.depth * 64
+    return GPTConfig(sequence_len=args.W, vocab_size=args.vocab, n_layer=args.depth, n_head=max(1, width // 64),
+                     n_kv_head=max(1, width // 64), n_embd=width, megacontext=True, mc_block_size=args.K,
+                     mc_max_level=args.max_level, pos_scheme=args.pos_scheme)
+
+
+def build(args, device):
+    cfg = make_config(args)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    model.init_weights()
+    with torch.no_grad():  # see the docstring: make refocus and the residual branches do something
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(std=0.02)
+        model.lensnet.head.weight.normal_(std=1.0)
+    return model.eval()
+
+
+def measure(args, h, mode):
+    """One (history, mode) measurement in this process: what a child prints."""
+    device = torch.device(args.device or autodetect_device_type())
+    model = build(args, device)
+    autocast = autocast_ctx(device.type)
+    ids = np.random.default_rng(h).integers(0, args.vocab, size=h, dtype=np.int64)
+    if mode == "full":
+        return bench_full(model, ids, args, device, autocast)
+    root = args.dir or tempfile.mkdtemp(prefix="bench_decode_")
+    try:
+        return bench_mc(model, ids, args, device, autocast, root)
+    finally:
+        if args.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def run_child(argv, h, mode):
+    """Each measurement runs in a fresh process, so that no allocation of one (a 128k-token KV
+    cache, a 1M-token ingest) can starve the next, and peak memory is the measurement's own."""
+    r = subprocess.run([sys.executable, "-m", "scripts.bench_decode", *argv, "--child", f"{h},{mode}"],
+                       capture_output=True, text=True)
+    if r.returncode == 0:
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    if "OutOfMemoryError" in r.stderr:
+        return {"oom": "child", "error": r.stderr.strip()[-300:]}
+    return {"error": r.stderr.strip()[-800:]}
 
 
 def main():
@@ -113,47 +174,35 @@ def main():
     ap.add_argument("--pos-scheme", default="entry", choices=["entry", "gaussian"])
     ap.add_argument("--histories", default="4096,32768,131072,1048576")
     ap.add_argument("--steps", type=int, default=256)
+    ap.add_argument("--warmup", type=int, default=8, help="untimed decode steps first (each run is a fresh process)")
     ap.add_argument("--max-full", type=int, default=131072, help="longest history for full attention")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dir", default=None, help="where the MC tree goes (default: a temp dir, removed)")
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)  # "history,mode": one measurement
     args = ap.parse_args()
     try:
         histories = [int(h) for h in args.histories.split(",")]
     except ValueError:
         fail(f"--histories must be comma-separated integers, got {args.histories!r}")
-    if args.steps < 1 or min(histories) < 1:
-        fail("--steps and every history must be >= 1")
+    if args.steps < 1 or args.warmup < 0 or min(histories) < 1:
+        fail("--steps and every history must be >= 1, --warmup >= 0")
+    if args.child:
+        h, mode = args.child.split(",")
+        print(json.dumps(measure(args, int(h), mode)))
+        return
     device = torch.device(args.device or autodetect_device_type())
-    width = args.width or args.depth * 64
-    cfg = GPTConfig(sequence_len=args.W, vocab_size=args.vocab, n_layer=args.depth, n_head=max(1, width // 64),
-                    n_kv_head=max(1, width // 64), n_embd=width, megacontext=True, mc_block_size=args.K,
-                    mc_max_level=args.max_level, pos_scheme=args.pos_scheme)
-    torch.manual_seed(0)
-    model = GPT(cfg).to(device)
-    model.init_weights()
-    with torch.no_grad():  # see the docstring: make refocus and the residual branches do something
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(std=0.02)
-        model.lensnet.head.weight.normal_(std=1.0)
-    model.eval()
-    autocast = autocast_ctx(device.type)
-    root = args.dir or tempfile.mkdtemp(prefix="bench_decode_")
+    cfg = make_config(args)
+    argv = sys.argv[1:]
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch_threads": torch.get_num_threads(), "config": {k: getattr(cfg, k) for k in
            ("n_layer", "n_embd", "vocab_size", "mc_block_size", "mc_max_level", "pos_scheme")},
            "W": args.W, "steps": args.steps, "mem": "peak_gpu_mb" if device.type == "cuda" else "rss_mb",
-           "results": []}
-    try:
-        rng = np.random.default_rng(0)
-        for h in histories:
-            ids = rng.integers(0, args.vocab, size=h, dtype=np.int64)
-            row = {"history": h, "mc": bench_mc(model, ids, args, device, autocast, root),
-                   "full": bench_full(model, ids, args, device, autocast)}
-            out["results"].append(row)
-    finally:
-        if args.dir is None:
-            shutil.rmtree(root, ignore_errors=True)
+           "isolation": "one process per measurement", "results": []}
+    for h in histories:
+        row = {"history": h, "mc": run_child(argv, h, "mc"),
+               "full": "skipped" if h > args.max_full else run_child(argv, h, "full")}
+        print(f"history {h}: {json.dumps(row)}", file=sys.stderr, flush=True)
+        out["results"].append(row)
     print(json.dumps(out, indent=1))
 
 
