@@ -466,17 +466,20 @@ class MemorySession:
     @torch.no_grad()
     def generate(self, max_tokens, temperature=1.0, top_k=None, seed=42, stop_tokens=()):
         """Yields (token_id, telemetry | None): the refocus telemetry after every K-th generated
-        token (MC models), else None. Every sampled token, a stop token included, goes into
+        token and after an append that had to collapse an older block (MC models), else None. Every sampled token, a stop token included, goes into
         memory; generation ends after a stop token."""
         rng = torch.Generator(device=self.device).manual_seed(seed)
         stop = set(stop_tokens)
         for _ in range(max_tokens):
             tok = int(sample_next(self.logits()[None], rng, temperature, top_k)[0, 0])
-            self._append(np.array([tok], np.int64))
+            app = self._append(np.array([tok], np.int64))
             self.counters["generated"] += 1
             self._since_refocus += 1
             tel = None
-            if self.mc and self._since_refocus >= self.K:
+            # refocus every K tokens, and also when the append itself had to collapse an older
+            # block (a full window): both cut the cache, so together they cost one recompute
+            forced = app["first_changed"] < app["len"] - 1
+            if self.mc and (self._since_refocus >= self.K or forced):
                 tel = self.refocus()
             yield tok, tel
             if tok in stop:

@@ -131,16 +131,33 @@ def test_memory_full_and_bad_ids_are_user_errors():
 
 def test_generate_refocuses_every_K_tokens():
     s = MemorySession(make_model(), W=W)
-    s.ingest(np.random.default_rng(0).integers(0, V, 100))
+    s.ingest(np.random.default_rng(0).integers(0, V, 10))        # the window is not full: no forced collapse
     out = list(s.generate(3 * K, temperature=0.0))
-    assert len(out) == 3 * K and s.num_tokens == 100 + 3 * K
+    assert len(out) == 3 * K and s.num_tokens == 10 + 3 * K
     assert [i for i, (_, tel) in enumerate(out) if tel is not None] == [K - 1, 2 * K - 1, 3 * K - 1]
     assert all({"expanded", "collapsed", "first_changed", "ms"} <= set(tel) for _, tel in out if tel)
-    assert s.tree.tokens(100, 100 + 3 * K).tolist() == [t for t, _ in out]
+    assert s.tree.tokens(10, 10 + 3 * K).tolist() == [t for t, _ in out]
     first = out[0][0]
     s2 = MemorySession(make_model(), W=W)
-    s2.ingest(np.random.default_rng(0).integers(0, V, 100))
+    s2.ingest(np.random.default_rng(0).integers(0, V, 10))
     assert [t for t, _ in s2.generate(10, temperature=0.0, stop_tokens=(first,))] == [first]
+    check(s)
+
+
+def test_a_full_window_refocuses_when_an_append_collapses_so_one_recompute_serves_both():
+    """In a full window every K-1 appends must collapse an older block, which cuts the cache as a
+    refocus does. Refocusing at that moment makes both edits cost one recompute, not two."""
+    s = MemorySession(make_model(), W=W)
+    s.ingest(np.random.default_rng(0).integers(0, V, 100))
+    s.logits()                                                  # the initial prefill
+    refocus_at, big_recomputes = [], 0
+    for i, (_, tel) in enumerate(s.generate(6 * K, temperature=0.0)):
+        big_recomputes += s.last_recomputed > 1                 # the logits() that sampled this token
+        if tel is not None:
+            refocus_at.append(i)
+    assert np.diff([-1] + refocus_at).max() <= K, "at least every K tokens"
+    assert len(refocus_at) >= 6, refocus_at
+    assert big_recomputes <= len(refocus_at), (big_recomputes, refocus_at)
     check(s)
 
 
