@@ -141,14 +141,30 @@ def measure(args, h, mode):
     model = build(args, device)
     autocast = autocast_ctx(device.type)
     ids = np.random.default_rng(h).integers(0, args.vocab, size=h, dtype=np.int64)
-    if mode == "full":
-        return bench_full(model, ids, args, device, autocast)
     root = args.dir or tempfile.mkdtemp(prefix="bench_decode_")
+    prof = None
+    if args.profile:   # where a decode run's time goes: the top ops by self time (CPU and device)
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        prof = torch.profiler.profile(activities=acts)
+        prof.__enter__()
     try:
-        return bench_mc(model, ids, args, device, autocast, root)
+        out = bench_full(model, ids, args, device, autocast) if mode == "full" else \
+            bench_mc(model, ids, args, device, autocast, root)
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        out = out if isinstance(out, dict) else {"result": out}
+        out["profile"] = top_ops(prof, device)
+    return out
+
+
+def top_ops(prof, device, n=15):
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:n]
+    return [{"op": e.key, "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
+             "self_device_ms": round(getattr(e, "self_device_time_total", 0) / 1e3, 2)} for e in rows]
 
 
 def run_child(argv, h, mode):
@@ -178,6 +194,7 @@ def main():
     ap.add_argument("--max-full", type=int, default=131072, help="longest history for full attention")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dir", default=None, help="where the MC tree goes (default: a temp dir, removed)")
+    ap.add_argument("--profile", action="store_true", help="add each run's top ops (torch.profiler) to its result")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)  # "history,mode": one measurement
     args = ap.parse_args()
     try:

@@ -51,6 +51,13 @@ def test_bench_decode_cpu_smoke():
     assert "128" in text and "1024" in text and "skipped" in text, "full attention is skipped past --max-full"
 
 
+def test_bench_decode_profile_names_the_top_ops():
+    out = run_json("scripts.bench_decode", "--depth", "1", "--vocab", "256", "--W", "64", "--K", "8",
+                   "--histories", "256", "--steps", "2", "--max-full", "0", "--device", "cpu", "--profile", timeout=240)
+    prof = out["results"][0]["mc"]["profile"]
+    assert prof and any(r["op"].startswith("aten::") for r in prof) and all(r["calls"] > 0 for r in prof)
+
+
 def test_bench_megaattn_cpu_smoke():
     out = run_json("scripts.bench_megaattn", "--device", "cpu", "--steps", "1", "--warmup", "1", timeout=240)
     assert out["bench"] == "megaattn" and out["results"]
