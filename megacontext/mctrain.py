@@ -62,10 +62,17 @@ def build_table(model, ids):
 
 def make_plan(N, T, K, W, H, max_level, n_random, rng, needle_pos=None, tail=None, n_probe=4):
     """CPU side of one step. N: (B,) cut points. Returns numpy arrays:
-    rows_*: (B*(1+n_random), W) sampled windows (recency first per sample); base_*: (B, W-K+1)
-    probe bases; oracle: (B,) entry index in the base covering the needle (-1 if none)."""
+    rows_*: (B*(1+n_random), W) sampled windows (recency first per sample); base_*: (B, Wb)
+    probe bases, Wb = W - max_level*(K-1); oracle: (B,) entry index in the base covering the
+    needle (-1 if none); oracle_path: (B, max_level-1) the further expansions that take an oracle
+    gist of level l >= 2 down to the needle's tokens (row positions after the previous expansion,
+    -1 where none). A probe expands one entry, so the oracle of a LOD2 gist alone would only reveal
+    LOD1 gists, which cannot carry a 5-digit answer: LensNet would learn that expanding it is
+    useless, and never descend from LOD2. With the path, the oracle row holds the needle at LOD0,
+    and the bases leave room for up to max_level expansions."""
     B = len(N)
     rows, bases, oracle = [], [], np.full(B, -1, np.int64)
+    path = np.full((B, max(max_level - 1, 0)), -1, np.int64)
     for b in range(B):
         has_needle = needle_pos is not None and needle_pos[b] >= 0
         wcs = sample_working_contexts(int(N[b]), K, W, max_level, 1 + n_random, rng, tail)
@@ -74,7 +81,7 @@ def make_plan(N, T, K, W, H, max_level, n_random, rng, needle_pos=None, tail=Non
             # read an answer from a focused window (what LensNet + the allocator will hand it)
             focus_on(wcs[-1], int(needle_pos[b]), 0)
         rows += wcs
-        Wb = W - (K - 1)
+        Wb = W - max_level * (K - 1)
         if rng.random() < 0.5:
             base = WorkingContext.recency(int(N[b]), K, Wb, max_level, tail)
         else:
@@ -88,14 +95,19 @@ def make_plan(N, T, K, W, H, max_level, n_random, rng, needle_pos=None, tail=Non
             j = np.searchsorted(base.starts, needle_pos[b], side="right") - 1
             if base.levels[j] >= 1:
                 oracle[b] = j
+                pos, lvl, idx = j, int(base.levels[j]), int(base.indices[j])
+                for k in range(lvl - 1):        # descend: the child holding the needle, one level down
+                    child = int(needle_pos[b]) // K ** (lvl - 1 - k)
+                    pos, idx = pos + child - idx * K, child
+                    path[b, k] = pos
     r = pack_working_contexts(rows, W)
-    bw = pack_working_contexts(bases, W - (K - 1))
+    bw = pack_working_contexts(bases, W - max_level * (K - 1))
     return {"row_levels": r["levels"], "row_indices": r["indices"], "row_lengths": r["lengths"],
             "base_levels": bw["levels"], "base_indices": bw["indices"], "base_lengths": bw["lengths"],
-            "oracle": oracle,
+            "oracle": oracle, "oracle_path": path,
             # uniform noise for picking random probes (Gumbel-max), drawn here so that the device
             # step needs no generator (a graph break under torch.compile) and a resume replays it
-            "probe_noise": rng.random((B, W - (K - 1), max(n_probe - 1, 0)), dtype=np.float32)}
+            "probe_noise": rng.random((B, W - max_level * (K - 1), max(n_probe - 1, 0)), dtype=np.float32)}
 
 
 def expand_rows(levels, indices, lengths, e, K):
@@ -216,6 +228,18 @@ class MCStep(nn.Module):
         P = probes.size(1)
         pl, pi, plen = expand_rows(bl.repeat_interleave(P, 0), bi.repeat_interleave(P, 0),
                                    blen.repeat_interleave(P, 0), probes.reshape(-1), K)
+        # the oracle probe descends to the needle's tokens (make_plan's oracle_path); the other
+        # rows are padded alike, so every probe row is Wb + max_level*(K-1) = W entries wide
+        for k in range(plan["oracle_path"].size(1)):
+            e = torch.full((B, P), -1, dtype=torch.long, device=dev)
+            if self.n_probe > 1:
+                e[:, 1] = torch.where(oracle >= 0, plan["oracle_path"][:, k], -1)
+            e = e.reshape(-1)
+            lv2, ix2, len2 = expand_rows(pl, pi, plen, e.clamp(min=0), K)
+            deep = e >= 0
+            pl = torch.where(deep[:, None], lv2, F.pad(pl, (0, K - 1), value=-1))
+            pi = torch.where(deep[:, None], ix2, F.pad(pi, (0, K - 1), value=0))
+            plen = torch.where(deep, len2, plen)
 
         # 3) one packed forward over sampled rows + base + probes
         Wr = self.W

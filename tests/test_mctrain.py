@@ -434,8 +434,9 @@ def test_training_windows_are_aligned_cover_use_lod2_and_compress(name, cfg):
     ratios = [N[i // nr] / len(w) for i, w in enumerate(rows)]
     assert max(ratios) <= Kc ** Lc
 
-    # probe bases (budget W-K+1) and every single expansion of them (the counterfactual rows)
-    Wb = Wc - (Kc - 1)
+    # probe bases (budget W - L(K-1): room for an oracle's descent) and every single expansion of
+    # them (the counterfactual rows)
+    Wb = Wc - Lc * (Kc - 1)
     bl, bi, blen = (torch.from_numpy(p[k]) for k in ("base_levels", "base_indices", "base_lengths"))
     for b in range(len(N)):
         base = WorkingContext(Kc, Wb, Lc, None, p["base_levels"][b, :blen[b]], p["base_indices"][b, :blen[b]])
@@ -444,7 +445,7 @@ def test_training_windows_are_aligned_cover_use_lod2_and_compress(name, cfg):
         e = torch.from_numpy(legal)
         lv, ix, ln = expand_rows(bl[b:b + 1].expand(len(legal), -1), bi[b:b + 1].expand(len(legal), -1),
                                  blen[b:b + 1].expand(len(legal)), e, Kc)
-        assert lv.shape[1] == Wc
+        assert lv.shape[1] == Wb + Kc - 1
         for j, pos in enumerate(legal.tolist()):
             got = WorkingContext(Kc, Wc, Lc, None, lv[j, :ln[j]].numpy(), ix[j, :ln[j]].numpy())
             want = base.copy()
@@ -455,8 +456,51 @@ def test_training_windows_are_aligned_cover_use_lod2_and_compress(name, cfg):
         if needle[b] >= 0:
             holder = int(np.searchsorted(base.starts, needle[b], side="right") - 1)
             assert o == (holder if base.levels[holder] >= 1 else -1)
+            if o >= 0:   # the oracle row: expand o, then follow oracle_path down to the needle's tokens
+                row = base.copy()
+                row.W = Wc
+                row.apply(expand=[o])
+                for e in p["oracle_path"][b]:
+                    if e >= 0:
+                        row.apply(expand=[int(e)])
+                at = int(np.searchsorted(row.starts, needle[b], side="right") - 1)
+                assert row.levels[at] == 0 and len(row) <= Wc, "the oracle row holds the needle at LOD0"
+                assert (p["oracle_path"][b] >= 0).sum() == base.levels[holder] - 1
         else:
-            assert o == -1
+            assert o == -1 and (p["oracle_path"][b] == -1).all()
+
+
+def test_the_oracle_probe_of_a_lod2_gist_descends_to_the_needle(monkeypatch):
+    """A needle inside a LOD2 gist: the oracle probe row the model scores holds it at LOD0 (so
+    its ΔNLL can say "expand this LOD2 entry"), not merely at LOD1."""
+    model = mc_model(perturbed=True).eval()
+    step = MCStep(model, W, H)
+    seen = {}
+    rows_to_inputs = mctrain.rows_to_inputs
+
+    def spy_rows(*a, **kw):
+        seen["args"] = a
+        return rows_to_inputs(*a, **kw)
+    monkeypatch.setattr(mctrain, "rows_to_inputs", spy_rows)
+    ids = torch.from_numpy(stream(np.random.default_rng(0), 2, T))
+    needle = np.array([5, -1])
+    for seed in range(100):                                 # a plan whose base holds the needle at LOD2
+        inputs = mc_inputs(ids, [T - H, T - H], seed=seed, needle=needle)
+        plan = inputs[2]
+        o = int(plan["oracle"][0])
+        if o >= 0 and int(plan["base_levels"][0, o]) == 2:
+            break
+    else:
+        pytest.fail("no plan put the needle in a LOD2 gist")
+    with torch.no_grad():
+        step(*inputs)
+    levels, indices, lengths = seen["args"][:3]
+    r = 2 * (1 + step.n_random) + 2 + 0 * step.n_probe + 1  # sample 0's second probe row: the oracle
+    row = WorkingContext(K, W, L, None, levels[r, :lengths[r]].numpy(), indices[r, :lengths[r]].numpy())
+    at = int(np.searchsorted(row.starts, needle[0], side="right") - 1)
+    assert row.levels[at] == 0 and row.num_tokens == T - H
+    others = [q for q in range(2 * (1 + step.n_random) + 2, levels.size(0)) if q != r]
+    assert all(int(lengths[q]) <= W - (L - 1) * (K - 1) for q in others), "only the oracle row descends"
 
 
 def test_lensnet_choice_is_among_the_trained_rows(monkeypatch):
@@ -626,12 +670,12 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--ddp-base-train-worker"]:
 
 
 def test_a_short_context_has_no_probes_and_no_lens_loss():
-    """A sample whose probe base is all LOD0 (N <= W - K + 1) has no legal probe: its (garbage)
+    """A sample whose probe base is all LOD0 (N <= Wb = W - L(K-1)) has no legal probe: its (garbage)
     probe rows stay out of the horizon loss and it adds nothing to LensNet's loss."""
     model = mc_model(seed=0, perturbed=True)
     step = MCStep(model, W, H)
     ids = torch.from_numpy(stream(np.random.default_rng(0), 2, T))
-    short = W - K                                           # fits the probe base at LOD0
+    short = W - L * (K - 1)                                 # fits the probe base at LOD0
     loss, m = step(*mc_inputs(ids, [short, short]))
     assert torch.isfinite(loss) and m["loss_lens"].item() == 0.0
     loss_mixed, m2 = step(*mc_inputs(ids, [short, T - H]))
