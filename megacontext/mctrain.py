@@ -173,6 +173,25 @@ def row_nll(logits_loss, targets, tw):
     return (logits_loss * w).sum(1) / w.sum(1).clamp(min=1e-6)
 
 
+COMPILE_MODES = ("pieces", "step")
+
+
+def compile_mc(step, mode="pieces"):
+    """torch.compile for MC training (CUDA). "pieces": the model's, GistNet's and LensNet's
+    forwards, one graph each, with the step's glue (plan index arithmetic, gathers, the probe
+    expansions) eager in between. "step": the whole MCStep forward as one compiled function, so
+    the glue fuses too (its trace breaks only at the rotary tables: tested). Both patch instance
+    forwards, so state_dict keys stay plain."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"mc compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    if mode == "step":
+        step.forward = torch.compile(step.forward, dynamic=False)
+    else:
+        for m in (step.model, step.model.gistnet, step.model.lensnet):
+            m.forward = torch.compile(m.forward, dynamic=False)
+    return step
+
+
 class MCStep(nn.Module):
     """The whole MegaContext training step as one module (so DDP can wrap it)."""
 

@@ -32,7 +32,7 @@ from nanochat.dataloader import DataLoader
 from nanochat.loss_eval import evaluate_bpb, get_token_bytes
 from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, restore_training_state
 from nanochat.engine import Engine
-from megacontext.mctrain import MCStep, make_plan
+from megacontext.mctrain import MCStep, make_plan, compile_mc, COMPILE_MODES
 from megacontext import tasks
 
 
@@ -124,6 +124,7 @@ class TrainConfig:
     mc_pos_scheme: str = "entry"      # entry | gaussian
     mc_random_wcs: int = 2            # random LOD mixtures per context (besides pure recency)
     mc_probes: int = 4                # counterfactual expansions per context for LensNet
+    mc_compile: str = "pieces"        # pieces | step: what torch.compile wraps on CUDA (megacontext/mctrain.py: compile_mc)
     mc_lambda: float = 0.01           # edit cost (nats) in LensNet's regularised argmin
     mc_weight: float = 0.1            # weight of the working-context horizon loss: its H tokens per row
                                       # weigh ~60x a plain token each; at 1.0 plain loss fell behind
@@ -186,8 +187,11 @@ def main():
         if cfg.mc_context_len % (K ** L) or cfg.mc_context_len % cfg.max_seq_len:
             fail(f"mc_context_len {cfg.mc_context_len} must be a multiple of K**max_level = {K ** L} "
                  f"and of max_seq_len = {cfg.max_seq_len}")
-        if cfg.mc_W + cfg.mc_H > 4 * cfg.max_seq_len or cfg.mc_W < 2 * K:
-            fail(f"mc_W {cfg.mc_W} must be in [2K, 4*max_seq_len - H]")
+        if cfg.mc_W + cfg.mc_H > 4 * cfg.max_seq_len or cfg.mc_W < 2 * K + L * (K - 1):
+            fail(f"mc_W {cfg.mc_W} must be in [2K + max_level*(K-1), 4*max_seq_len - H] "
+                 f"(the probe bases keep room for an oracle's descent of max_level expansions)")
+        if cfg.mc_compile not in COMPILE_MODES:
+            fail(f"mc_compile must be one of {', '.join(COMPILE_MODES)}, got {cfg.mc_compile!r}")
     with torch.device("meta"):
         model = GPT(model_config)
     model.to_empty(device=device)
@@ -231,14 +235,11 @@ def main():
 
     orig_model = model
     if cfg.megacontext:
-        # the whole MC step is one module so that DDP syncs GistNet/LensNet with the rest; the
-        # compiled pieces are the forwards, so state_dict keys stay plain
-        if device.type == "cuda" and cfg.compile:
-            orig_model.forward = torch.compile(orig_model.forward, dynamic=False)
-            orig_model.gistnet.forward = torch.compile(orig_model.gistnet.forward, dynamic=False)
-            orig_model.lensnet.forward = torch.compile(orig_model.lensnet.forward, dynamic=False)
+        # the whole MC step is one module so that DDP syncs GistNet/LensNet with the rest
         model = MCStep(orig_model, cfg.mc_W, cfg.mc_H, cfg.mc_random_wcs, cfg.mc_probes, cfg.mc_lambda,
                        cfg.mc_weight, cfg.lens_weight)
+        if device.type == "cuda" and cfg.compile:
+            compile_mc(model, cfg.mc_compile)
         batcher = MCBatcher(tokenizer, cfg, rank, device)
         if loader_state and "mc" in loader_state:
             batcher.load_state_dict(loader_state["mc"])

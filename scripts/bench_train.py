@@ -46,6 +46,8 @@ def main():
     ap.add_argument("--mc-max-level", type=int, default=2)
     ap.add_argument("--mc-random-wcs", type=int, default=2)
     ap.add_argument("--mc-probes", type=int, default=4)
+    ap.add_argument("--mc-compile", default="pieces", choices=["pieces", "step"],
+                    help="torch.compile the model/GistNet/LensNet forwards, or the whole MC step")
     args = ap.parse_args()
     if args.megacontext and args.mc_context_len % args.seq:
         raise SystemExit("error: --mc-context-len must be a multiple of --seq")
@@ -121,14 +123,12 @@ def bench_mc_step(args, raw, step, timed, device, rank, ddp, local_rank, world):
     """Times MCStep on the same model: B = --batch // (mc_context_len / seq) contexts, so that a
     step sees the same number of context tokens as a plain step."""
     import numpy as np
-    from megacontext.mctrain import MCStep, make_plan
+    from megacontext.mctrain import MCStep, make_plan, compile_mc
     B = max(1, args.batch * args.seq // args.mc_context_len)
     T = args.mc_context_len
-    if args.compile and device.type == "cuda":  # as scripts/base_train.py does
-        raw.forward = torch.compile(raw.forward, dynamic=False)
-        raw.gistnet.forward = torch.compile(raw.gistnet.forward, dynamic=False)
-        raw.lensnet.forward = torch.compile(raw.lensnet.forward, dynamic=False)
     mc = MCStep(raw, args.mc_W, args.mc_H, args.mc_random_wcs, args.mc_probes)
+    if args.compile and device.type == "cuda":  # as scripts/base_train.py does
+        compile_mc(mc, args.mc_compile)
     fwd = DDP(mc, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else mc
     rng = np.random.default_rng(rank)
     N = np.full(B, T - args.mc_H, np.int64)
@@ -142,7 +142,7 @@ def bench_mc_step(args, raw, step, timed, device, rank, ddp, local_rank, world):
 
     dt, mem = timed(fwd, make_inputs)
     rows = B * (1 + args.mc_random_wcs + 1 + args.mc_probes)
-    return {"contexts": B, "context_len": T, "W": args.mc_W, "H": args.mc_H, "rows_per_step": rows,
+    return {"contexts": B, "context_len": T, "W": args.mc_W, "H": args.mc_H, "compile": args.mc_compile, "rows_per_step": rows,
             "row_tokens_per_step": rows * (args.mc_W + args.mc_H - 1), "step_ms": round(dt * 1000, 2),
             "tok_per_s": round(B * T * world / dt), "peak_mem_gb": mem}
 

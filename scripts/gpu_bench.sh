@@ -21,6 +21,8 @@ step train_d12   120 "$PY" -m scripts.bench_train --depth 12 --batch 32 --seq 20
 step train_d20   150 "$PY" -m scripts.bench_train --depth 20 --batch 16 --seq 2048 --vocab 65536 --steps 10 --warmup 4
 step train_mc_d8 150 "$PY" -m scripts.bench_train --depth 8 --batch 64 --seq 2048 --vocab 8192 --steps 10 --warmup 5 \
   --megacontext --mc-context-len 16384 --mc-W 512 --mc-H 64
+step train_mc_d8_step 150 "$PY" -m scripts.bench_train --depth 8 --batch 64 --seq 2048 --vocab 8192 --steps 10 --warmup 5 \
+  --megacontext --mc-context-len 16384 --mc-W 512 --mc-H 64 --mc-compile step
 step mc          150 "$PY" -m scripts.bench_mc
 step megaattn    150 "$PY" -m scripts.bench_megaattn --W 2048,8192,16384
 step decode      300 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,32768,131072,1048576 --steps 128

@@ -682,6 +682,18 @@ def test_a_short_context_has_no_probes_and_no_lens_loss():
     assert torch.isfinite(loss_mixed) and m2["loss_lens"].item() > 0
 
 
+def test_compile_mc_wraps_the_pieces_or_the_whole_step():
+    from megacontext.mctrain import compile_mc
+    step = compile_mc(MCStep(mc_model(), W, H), "pieces")
+    assert all("forward" in vars(m) for m in (step.model, step.model.gistnet, step.model.lensnet))
+    assert "forward" not in vars(step)
+    step = compile_mc(MCStep(mc_model(), W, H), "step")
+    assert "forward" in vars(step) and "forward" not in vars(step.model)
+    assert set(step.state_dict()) == set(MCStep(mc_model(), W, H).state_dict()), "plain state_dict keys"
+    with pytest.raises(ValueError, match="compile mode"):
+        compile_mc(MCStep(mc_model(), W, H), "graph")
+
+
 def test_mc_step_traces_without_graph_breaks_beyond_rotary():
     """Compile-friendliness: TorchDynamo traces the whole MC step; the only breaks are the calls
     to rotary_cos_sin, which is kept out of compiled graphs on purpose (fp64 tables, once per
