@@ -56,7 +56,7 @@ def focus(model, table, offs, N, W, policy, rounds=8, n_diff=4, rng=None):
     wc = WorkingContext.recency(N, c.mc_block_size, W, c.mc_max_level)
     if policy == "recency":
         return wc, 0
-    alloc = FocusAllocator(n_diff=n_diff, hysteresis=2)
+    alloc = FocusAllocator(n_diff=n_diff, hysteresis=2, free_collapses=False)   # as MemorySession
     edits = 0
     for _ in range(rounds):
         if policy == "lens":

@@ -6,7 +6,9 @@ Focus: deciding which spans of the working context are at which LOD.
   the most wanted edit goes first (the best expansion if its score beats the worst group's
   -score, else that group's collapse). An expansion that does not fit is paid for by collapsing
   the lowest-scoring group, but only if that group scores below the expansion (a trade that
-  loses detail where it is wanted less). All chosen edits are disjoint, so they go through one
+  loses detail where it is wanted less). With free_collapses (the default), a group scoring
+  below -threshold is also collapsed with nothing to pay for; the MC paths turn that off, since
+  LensNet's scores only rank expansions. All chosen edits are disjoint, so they go through one
   `WorkingContext.apply` rebuild: the candidate selection is numpy (argpartition over W
   entries), only the <= n_diff chosen edits touch Python.
 - Hysteresis: the allocator remembers the parent node (level, index) of each edit and when it
@@ -33,8 +35,13 @@ def _keys(levels, indices):
 
 class FocusAllocator:
 
-    def __init__(self, n_diff=4, hysteresis=2, threshold=0.0):
+    def __init__(self, n_diff=4, hysteresis=2, threshold=0.0, free_collapses=True):
+        """free_collapses: also collapse a group only because its mean score is below -threshold,
+        with no expansion to pay for. Off for LensNet: it learns from expansion counterfactuals
+        only (a score says whether expanding beats no edit), so a low score does not say that
+        losing detail is harmless; there, collapses only pay for expansions."""
         self.n_diff, self.hysteresis, self.threshold = int(n_diff), int(hysteresis), float(threshold)
+        self.free_collapses = bool(free_collapses)
         self.calls = 0
         self._expanded = {}    # parent key -> step it was expanded at (do not collapse it back)
         self._collapsed = {}   # parent key -> step it was collapsed into (do not expand it back)
@@ -103,7 +110,7 @@ class FocusAllocator:
             gi = free_group(gi)
             se = cscore[ei] if ei < len(cand) else None
             sg = gscore[gi] if gi < len(groups) else None
-            want_collapse = sg is not None and sg < -thr
+            want_collapse = self.free_collapses and sg is not None and sg < -thr
             if se is not None and (not want_collapse or se >= -sg):
                 if free >= K - 1:
                     expands.append(cand[ei]); ei += 1; free -= K - 1

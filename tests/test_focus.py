@@ -19,13 +19,13 @@ def children_present(wc, level, index):
 
 @settings(**SETTINGS)
 @given(st.sampled_from([(4, 40, 2), (4, 30, 3), (8, 64, 2), (3, 20, 2)]), st.integers(0, 10_000),
-       st.integers(1, 6), st.integers(0, 3), st.floats(0, 0.5))
-def test_refocus_keeps_invariants(params, seed, n_diff, hysteresis, thr):
+       st.integers(1, 6), st.integers(0, 3), st.floats(0, 0.5), st.booleans())
+def test_refocus_keeps_invariants(params, seed, n_diff, hysteresis, thr, free):
     K, W, L = params
     rng = np.random.default_rng(seed)
     N = int(rng.integers(0, W * K**L // 4))
     wcs = sample_working_contexts(N, K, W, L, 3, rng)
-    fa = FocusAllocator(n_diff=n_diff, hysteresis=hysteresis, threshold=thr)
+    fa = FocusAllocator(n_diff=n_diff, hysteresis=hysteresis, threshold=thr, free_collapses=free)
     wc = wcs[int(rng.integers(3))]
     history = []   # (step, kind, level, index) of every edit the allocator made
     for step in range(8):
@@ -46,6 +46,8 @@ def test_refocus_keeps_invariants(params, seed, n_diff, hysteresis, thr):
         expanded = {k for k in old - new if (k[0] - 1, k[1] * K) in new}
         collapsed = {k for k in new - old if (k[0] - 1, k[1] * K) in old}
         assert len(expanded) == tel["expanded"] and len(collapsed) == tel["collapsed"]
+        if not free:
+            assert tel["collapsed"] <= tel["expanded"], "collapses only pay for expansions"
         for lvl, idx in expanded:   # expanded things had positive score above threshold
             j = int(np.flatnonzero((before.levels == lvl) & (before.indices == idx))[0])
             assert scores[j] > thr
@@ -94,6 +96,27 @@ def test_expands_when_room_and_skips_lod0_and_tail():
     before = wc.copy()
     FocusAllocator(n_diff=4).refocus(wc, scores)
     assert np.array_equal(wc.levels[-K:], before.levels[-K:]) and (wc.levels[-K:] == 0).all()
+
+
+def test_without_free_collapses_collapses_only_pay_for_expansions():
+    """LensNet's scores rank expansions; a low score is not a licence to lose detail. With
+    free_collapses=False an all-LOD0 window scored negative stays as it is, and a full window
+    still pays for a wanted expansion with its lowest group."""
+    wc = WorkingContext.recency(40, 4, 40, 2)                   # N = W: every entry LOD0
+    before = wc.copy()
+    scores = -np.linspace(1, 5, len(wc))
+    assert FocusAllocator(free_collapses=True).refocus(wc.copy(), scores)["collapsed"] > 0
+    tel = FocusAllocator(free_collapses=False).refocus(wc, scores)
+    assert tel["collapsed"] == tel["expanded"] == 0 and wc == before
+    K, W, L = 4, 40, 2
+    wc = WorkingContext.recency(300, K, W, L)
+    assert len(wc) > W - K + 1                                  # full: an expansion must be paid for
+    scores = -np.ones(len(wc))
+    j = int(np.flatnonzero(wc.levels >= 1)[len(np.flatnonzero(wc.levels >= 1)) // 2])
+    scores[j] = 5.0
+    tel = FocusAllocator(n_diff=4, free_collapses=False).refocus(wc, scores)
+    wc.validate()
+    assert tel["expanded"] == 1 and tel["collapsed"] == 1, tel
 
 
 def test_no_edit_when_scores_flat():

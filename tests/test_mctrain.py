@@ -372,6 +372,26 @@ def test_node_table_of_a_history_too_short_for_the_top_level():
     assert table.shape[0] == K + 3 + 1 and offs == [0, K + 3, K + 4]
 
 
+def test_eval_policies_never_trade_detail_away_for_nothing():
+    """An H100 eval had lens/random NLL well above recency at N = W (every entry LOD0, nothing to
+    expand): the allocator collapsed groups on untrained scores. Now a window with nothing to
+    expand keeps its detail under every policy, and with gists to expand, collapses only pay."""
+    from megacontext.evals import build_levels, focus
+    model = mc_model(seed=0, perturbed=True)
+    with torch.no_grad():
+        model.lensnet.head.weight.normal_(0, 1.0)                  # decisive, untrained scores
+    ids = torch.from_numpy(stream(np.random.default_rng(0), 1, T))[0]
+    table, offs = build_levels(model, ids[:W])
+    for policy in ("lens", "random"):
+        wc, edits = focus(model, table, offs, W, W, policy, rng=np.random.default_rng(0))
+        assert edits == 0 and (wc.levels == 0).all(), policy
+    table, offs = build_levels(model, ids[:T - H])
+    for policy in ("lens", "random"):
+        wc, _ = focus(model, table, offs, T - H, W, policy, rng=np.random.default_rng(0))
+        wc.validate()
+        assert wc.level_counts()[0] >= WorkingContext.recency(T - H, K, W, L).level_counts()[0] - K * 8, policy
+
+
 def test_answer_weight_scales_whole_task_rows_in_the_horizon_loss():
     """row_nll normalises weights inside a row, and a task row's horizon is its answer alone, so
     mc_answer_weight must act across rows: a sample weighted 4 counts 4x in loss_mc."""
