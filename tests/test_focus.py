@@ -217,3 +217,22 @@ def test_pack():
         assert np.array_equal(p["starts"][r, :n], wc.starts) and np.array_equal(p["widths"][r, :n], wc.widths)
     with pytest.raises(ValueError):
         pack_working_contexts(wcs, 10)
+
+
+@pytest.mark.parametrize("mult", [4, 64, 256])
+def test_a_perfect_scorer_reaches_any_needle_within_the_eval_rounds(mult):
+    """mc_eval's focus loop (8 refocus rounds, n_diff 4, collapses only to pay) can bring a needle
+    anywhere in a 4-256x W history down to LOD0, descending through LOD2, when the scores are
+    right. So a miss in the eval is LensNet's (or the reader's), not the allocator's."""
+    K, W, L = 32, 512, 2
+    N = mult * W
+    for depth in np.linspace(0.05, 0.95, 5):
+        needle = int(depth * N)
+        wc = WorkingContext.recency(N, K, W, L)
+        fa = FocusAllocator(n_diff=4, hysteresis=2, free_collapses=False)
+        for _ in range(8):
+            j = int(np.searchsorted(wc.starts, needle, side="right") - 1)
+            fa.refocus(wc, np.where(np.arange(len(wc)) == j, 5.0, -0.1 * (wc.levels == 0)))
+        wc.validate()
+        j = int(np.searchsorted(wc.starts, needle, side="right") - 1)
+        assert wc.levels[j] == 0, (mult, depth, wc.level_counts())
