@@ -83,6 +83,7 @@ def bench_mc(model, ids, args, device, autocast, root):
         shutil.rmtree(path, ignore_errors=True)
 
 
+@torch.no_grad()   # as Engine.generate: the bench's own decode loop must not build autograd graphs
 def bench_full(model, ids, args, device, autocast):
     if len(ids) > args.max_full:
         return "skipped"
