@@ -262,6 +262,10 @@ class KVCache:
         self.num_layers = num_layers
 
     def insert_kv(self, layer, k, v):
+        if k.requires_grad or v.requires_grad:
+            # an in-place write of a graph tensor would chain every step's autograd graph (with
+            # autocast's bf16 weight copies) to the cache: ~1 GB per decode step at d20
+            raise RuntimeError("KV-cached forwards must run under torch.no_grad() (or inference_mode)")
         t0, t1 = self.pos, self.pos + k.size(1)
         if t1 > self.max_len:
             raise ValueError(f"KV cache overflow: {t1} > {self.max_len}")

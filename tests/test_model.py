@@ -180,6 +180,12 @@ def test_kv_cache_errors():
             model(tokens(1, 3), kv_cache=cache)
     with pytest.raises(ValueError, match="truncate"):
         cache.truncate(7)
+    # with autograd on, the in-place cache writes would chain every step's graph to the cache
+    # (bench_decode's full-attention loop ran out of H100 memory that way): a clear error instead
+    cache = new_cache(model, 1, 8)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        model(tokens(1, 2), kv_cache=cache)
+    assert cache.pos == 0 and not cache.k.requires_grad
 
 
 def test_expand_batch_then_decode_rows_independently():
