@@ -70,7 +70,7 @@ def make_plan(N, T, K, W, H, max_level, n_random, rng, needle_pos=None, tail=Non
     LOD1 gists, which cannot carry a 5-digit answer: LensNet would learn that expanding it is
     useless, and never descend from LOD2. With the path, the oracle row holds the needle at LOD0,
     and the bases leave room for up to max_level expansions."""
-    B = len(N)
+    B, Wb = len(N), W - max_level * (K - 1)
     rows, bases, oracle = [], [], np.full(B, -1, np.int64)
     path = np.full((B, max(max_level - 1, 0)), -1, np.int64)
     for b in range(B):
@@ -81,7 +81,6 @@ def make_plan(N, T, K, W, H, max_level, n_random, rng, needle_pos=None, tail=Non
             # read an answer from a focused window (what LensNet + the allocator will hand it)
             focus_on(wcs[-1], int(needle_pos[b]), 0)
         rows += wcs
-        Wb = W - max_level * (K - 1)
         if rng.random() < 0.5:
             base = WorkingContext.recency(int(N[b]), K, Wb, max_level, tail)
         else:
@@ -101,13 +100,13 @@ def make_plan(N, T, K, W, H, max_level, n_random, rng, needle_pos=None, tail=Non
                     pos, idx = pos + child - idx * K, child
                     path[b, k] = pos
     r = pack_working_contexts(rows, W)
-    bw = pack_working_contexts(bases, W - max_level * (K - 1))
+    bw = pack_working_contexts(bases, Wb)
     return {"row_levels": r["levels"], "row_indices": r["indices"], "row_lengths": r["lengths"],
             "base_levels": bw["levels"], "base_indices": bw["indices"], "base_lengths": bw["lengths"],
             "oracle": oracle, "oracle_path": path,
             # uniform noise for picking random probes (Gumbel-max), drawn here so that the device
             # step needs no generator (a graph break under torch.compile) and a resume replays it
-            "probe_noise": rng.random((B, W - max_level * (K - 1), max(n_probe - 1, 0)), dtype=np.float32)}
+            "probe_noise": rng.random((B, Wb, max(n_probe - 1, 0)), dtype=np.float32)}
 
 
 def expand_rows(levels, indices, lengths, e, K):
