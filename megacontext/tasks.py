@@ -11,7 +11,7 @@ Notable:
 - Tasks: passkey, multi-key NIAH (distractor keys), multi-value NIAH (all values of one key, in
   document order), KV recall (many key-value pairs, query one).
 - Train/eval separation, three ways: seeds (`task_rng`: train seeds < 2**31 <= eval seeds),
-  phrasing (`fmt` 0 and 1 for training, 2 held out for eval) and values (every answer number has
+  phrasing (`fmt` 0, 1, 3, 4, 5 for training, 2 held out for eval) and values (every answer number has
   an even digit sum in the train split and an odd one in eval), so an eval answer is never seen
   as an answer in training.
 - `mix_tasks_into_batch` swaps a random fraction of rows of a (B, T) token batch for task
@@ -22,7 +22,7 @@ import numpy as np
 
 TRAIN_SEED_BASE = 0
 EVAL_SEED_BASE = 2**31  # train seeds live in [0, 2**31), eval seeds in [2**31, 2**32)
-TRAIN_FMTS = (0, 1)
+TRAIN_FMTS = (0, 1, 3, 4, 5)   # five phrasings per task: a copy rule, not two memorised sentences
 EVAL_FMTS = (2,)
 SPLITS = ("train", "eval")
 
@@ -36,6 +36,12 @@ PASSKEY_TEMPLATES = [
      " What is the secret key? The secret key is"),
     (" Important: the access code is {k}. Keep the access code {k} in mind. ",
      " Recall the access code. The access code is"),
+    (" The password is {k}. Do not forget the password {k}. ",
+     " What is the password? The password is"),
+    (" My lucky number is {k}. Once more, my lucky number is {k}. ",
+     " What is my lucky number? My lucky number is"),
+    (" Note the PIN: {k}. The PIN is {k}. ",
+     " What was the PIN? The PIN is"),
 ]
 # (needle, question for one value, question for all values) per fmt.
 MAGIC_TEMPLATES = [
@@ -48,11 +54,23 @@ MAGIC_TEMPLATES = [
     (" Note that {key} has the hidden number {v}. ",
      " What is the hidden number of {key}? The hidden number of {key} is",
      " List every hidden number of {key}. The hidden numbers of {key} are"),
+    (" The secret number for {key} is {v}. ",
+     " What is the secret number for {key}? The secret number for {key} is",
+     " What are the secret numbers for {key}? The secret numbers for {key} are"),
+    (" Remember that {key} goes with {v}. ",
+     " What goes with {key}? {key} goes with",
+     " What all goes with {key}? {key} goes with"),
+    (" The code of {key} is {v}. ",
+     " What is the code of {key}? The code of {key} is",
+     " What are the codes of {key}? The codes of {key} are"),
 ]
 KV_TEMPLATES = [
     (" key-{k}: value-{v}.", " What is the value for key-{k}? The value for key-{k} is"),
     (" The value of key-{k} is value-{v}.", " Look up key-{k}. Its value is"),
     (" key-{k} maps to value-{v}.", " What does key-{k} map to? key-{k} maps to"),
+    (" key-{k} = value-{v}.", " Then key-{k} = ? key-{k} ="),
+    (" key-{k} holds value-{v}.", " What does key-{k} hold? It holds"),
+    (" value-{v} belongs to key-{k}.", " Which value belongs to key-{k}? It is"),
 ]
 # Keys for the NIAH tasks are two of these joined by a hyphen (1600 combinations), as in RULER.
 WORDS = (

@@ -27,7 +27,7 @@ def check_example(ex, length):
 
 @settings(max_examples=60, deadline=None)
 @given(kind=st.sampled_from(sorted(tasks.TASKS)), extra=st.integers(0, 3000),
-       seed=st.integers(0, 2**31 - 1), fmt=st.integers(0, 2), text=st.booleans())
+       seed=st.integers(0, 2**31 - 1), fmt=st.integers(0, 5), text=st.booleans())
 def test_exact_length_and_answer_at_end(kind, extra, seed, fmt, text):
     length = MIN_LEN[kind] + extra
     ex = tasks.make_example(kind, np.random.default_rng(seed), length,
@@ -42,7 +42,7 @@ def test_too_short_raises():
     with pytest.raises(ValueError, match="unknown task"):
         tasks.make_example("nope", np.random.default_rng(0), 500, filler, encode)
     with pytest.raises(ValueError, match="fmt"):
-        tasks.passkey(np.random.default_rng(0), 500, filler, encode, fmt=3)
+        tasks.passkey(np.random.default_rng(0), 500, filler, encode, fmt=len(tasks.PASSKEY_TEMPLATES))
 
 
 def test_minimal_length_fits_exactly():
@@ -152,12 +152,14 @@ def test_eval_values_never_produced_by_train():
 def test_fmts_differ():
     for kind in tasks.TASKS:
         texts = set()
-        for fmt in range(3):
+        fmts = sorted(tasks.TRAIN_FMTS + tasks.EVAL_FMTS)
+        assert fmts == list(range(len(fmts)))
+        for fmt in fmts:
             ex = tasks.make_example(kind, np.random.default_rng(0), 1500, filler, encode, fmt=fmt)
             texts.add(decode(ex["ids"][ex["answer_start"] - 40:ex["answer_start"]]))  # question tail
             needle_start = ex["needle_pos"][0]
-            texts.add(decode(ex["ids"][needle_start:needle_start + 12]))
-        assert len(texts) == 6, kind
+            texts.add(decode(ex["ids"][needle_start:needle_start + 20]))
+        assert len(texts) == 2 * len(fmts), kind
 
 
 def test_fillers_exact_length():
