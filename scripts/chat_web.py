@@ -242,15 +242,17 @@ class ChatServer:
         with self.cache_lock:
             self.cache[cid] = (worker, session)
             mine = [k for k, (w, _) in self.cache.items() if w is worker]
-            victims = [self.cache.pop(k)[1] for k in mine[:max(0, len(mine) - self.limits.sessions_per_worker)]]
-        for s in victims:
-            _close(s)
+            # close evicted sessions before the lock is released: another worker that misses one
+            # in the cache reopens it from disk, and must not find it still open (its memory's
+            # file lock held: "in use"), which a CI run of the crosstalk test once hit
+            for k in mine[:max(0, len(mine) - self.limits.sessions_per_worker)]:
+                _close(self.cache.pop(k)[1])
 
     def evict(self, cid):
         with self.cache_lock:
             hit = self.cache.pop(cid, None)
-        if hit is not None:
-            _close(hit[1])
+            if hit is not None:
+                _close(hit[1])
 
     def close(self):
         with self.cache_lock:

@@ -78,6 +78,7 @@ def test_chat_streaming(ckpt, tiny_tokenizer, tmp_path):
         cid = c.post("/api/conversations", json={"title": "t"}).json()["id"]
         text, events = chat(c, cid, "Hello there, memory!", seed=3)
         done = events[-1]
+        assert "message" in done, done
         assert done["message"]["content"] == text and done["message"]["role"] == "assistant"
         assert done["stats"]["tokens"] == done["num_tokens"] == done["focus_map"][-1]["end"]
         conv = c.get(f"/api/conversations/{cid}").json()
@@ -307,6 +308,7 @@ def test_concurrent_conversations_no_crosstalk(ckpt, tiny_tokenizer, tmp_path):
     for i, content, text, done in results:
         if content.startswith("question"):
             assert text == ref[i], f"conversation {i} got another reply than when run alone"
+        assert "message" in done, done
         assert done["message"]["content"] == text
     model = build_model(load_checkpoint(ckpt), torch.device("cpu"), tiny_tokenizer)
     for i, cid in enumerate(cids):
@@ -322,3 +324,23 @@ def test_concurrent_conversations_no_crosstalk(ckpt, tiny_tokenizer, tmp_path):
             history = tiny_tokenizer.decode(s.tree.tokens(0, s.num_tokens).tolist())
             markers = {f"zq{j:02d}zq" for j in range(n)}
             assert {m for m in markers if m in history} == {f"zq{i:02d}zq"}
+
+
+def test_evicted_sessions_close_before_another_worker_can_miss_them(ckpt, tiny_tokenizer, tmp_path, monkeypatch):
+    """A session evicted from a worker's cache is closed while the cache lock is held. Closed
+    after it, another worker that misses it in the cache could reopen its memory while it is
+    still open and get "already open" (a CI run of the crosstalk test did)."""
+    import scripts.chat_web as cw
+    app = make_app(ckpt, tiny_tokenizer, tmp_path, workers=1, sessions_per_worker=1)
+    srv = app.state.server
+    held = []
+    real_close = cw._close
+    monkeypatch.setattr(cw, "_close", lambda s: (held.append(srv.cache_lock.locked()), real_close(s)))
+    worker = srv.workers[0]
+    a, b = (srv.store.create("")["id"] for _ in range(2))
+    srv._keep(worker, a, srv._session(worker, a))
+    srv._keep(worker, b, srv._session(worker, b))           # evicts a
+    assert held == [True] and a not in srv.cache
+    from nanochat import engine
+    engine.MemorySession.open(worker.model, srv.store.memory_dir(a), model_id=srv.model_id).close()
+    srv.close()
