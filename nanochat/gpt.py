@@ -36,6 +36,8 @@ import warnings
 import functools
 from dataclasses import dataclass, asdict
 
+from torch.utils.checkpoint import checkpoint
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -432,6 +434,9 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.head_dim = config.n_embd // config.n_head
+        # rows per chunk of the training loss (0 = one piece): a training knob, not architecture,
+        # so it stays out of the config (and out of checkpoints). See logits_and_loss.
+        self.loss_chunk = 0
         if config.megacontext:
             self.gistnet = GistNet(config)
             self.lensnet = LensNet(config)
@@ -600,11 +605,24 @@ class GPT(nn.Module):
         return self.logits_and_loss(x, targets, loss_reduction)
 
     def logits_and_loss(self, x, targets=None, loss_reduction="mean"):
-        logits = self.lm_head(x).float()
-        c = self.config.softcap
-        if c:
-            logits = c * torch.tanh(logits / c)
+        if targets is not None and self.loss_chunk > 0 and loss_reduction in ("mean", "sum") and torch.is_grad_enabled():
+            # fp32 logits at vocab 65536 are 17 GB for 32 x 2048 rows (and their gradient as
+            # much again): score loss_chunk rows at a time and recompute each chunk's logits in
+            # the backward (torch.utils.checkpoint), so that only one chunk's logits ever exist
+            xf, tf = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+            n = self.loss_chunk
+            total = sum(checkpoint(self._loss_sum, xf[i:i + n], tf[i:i + n], use_reentrant=False)
+                        for i in range(0, tf.numel(), n))
+            return total if loss_reduction == "sum" else total / (tf != -1).sum().clamp(min=1)
+        logits = self._softcapped(self.lm_head(x).float())
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=loss_reduction)
+
+    def _loss_sum(self, x, targets):
+        return F.cross_entropy(self._softcapped(self.lm_head(x).float()), targets, ignore_index=-1, reduction="sum")
+
+    def _softcapped(self, logits):
+        c = self.config.softcap
+        return c * torch.tanh(logits / c) if c else logits

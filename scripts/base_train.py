@@ -113,6 +113,7 @@ class TrainConfig:
     save_every: int = -1              # -1: only at the end
     resume: bool = False              # continue from <out_dir>/latest
     compile: bool = True              # torch.compile on CUDA
+    loss_chunk: int = 0               # > 0: score the loss this many rows at a time (saves the fp32 logits; GPT.logits_and_loss)
     wandb: str = ""                   # wandb project; empty = off
     # MegaContext end-to-end training (DESIGN §8); off = the plain nanochat path
     megacontext: bool = False
@@ -196,6 +197,9 @@ def main():
         model = GPT(model_config)
     model.to_empty(device=device)
     model.init_weights()
+    if cfg.loss_chunk < 0:
+        fail(f"loss_chunk must be >= 0, got {cfg.loss_chunk}")
+    model.loss_chunk = cfg.loss_chunk
     num_params = model.num_params()
     flops_per_token = model.estimate_flops(cfg.max_seq_len)
     print0(f"model: depth {cfg.depth}, width {n_embd}, heads {n_head}/{n_head // cfg.gqa_ratio}, "

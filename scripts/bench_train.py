@@ -37,6 +37,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--compile", type=int, default=1)
+    ap.add_argument("--loss-chunk", type=int, default=0, help="rows per chunk of the loss (0: whole; see GPT.logits_and_loss)")
     ap.add_argument("--device", default="")
     ap.add_argument("--megacontext", action="store_true", help="also time the MC step; report the ratio")
     ap.add_argument("--mc-context-len", type=int, default=16384)
@@ -62,6 +63,7 @@ def main():
         model = GPT(cfg)
     model.to_empty(device=device)
     model.init_weights()
+    model.loss_chunk = args.loss_chunk
     opts = build_optimizers(model)
     raw = model
     if args.compile and device.type == "cuda":
@@ -106,7 +108,7 @@ def main():
     out = {
         "bench": "train", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "world_size": world, "depth": args.depth, "n_embd": n_embd, "n_head": n_head, "batch": args.batch,
-        "seq": args.seq, "vocab": args.vocab, "params": raw.num_params(), "flops_per_token": flops,
+        "seq": args.seq, "vocab": args.vocab, "loss_chunk": args.loss_chunk, "params": raw.num_params(), "flops_per_token": flops,
         "step_ms": round(dt * 1000, 2), "tok_per_s": round(tok_s), "tok_per_s_per_gpu": round(tok_s / world),
         "mfu": round(100 * flops * tok_s / (peak * world), 2) if peak else None,
         "peak_mem_gb": peak_mem,

@@ -359,3 +359,24 @@ def test_lensnet_is_permutation_equivariant_over_entries():
         ref = lens(emb, level, feat, tail, valid)
         out = lens(emb[:, perm], level[:, perm], feat[:, perm], tail, valid[:, perm])
     torch.testing.assert_close(out, ref[:, perm], atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_loss_equals_the_whole_loss_and_its_gradients():
+    """model.loss_chunk scores the training loss a chunk of rows at a time (recomputing each
+    chunk's logits in the backward): same loss, same gradients, also with ignored targets."""
+    x, y = tokens(3, 20), tokens(3, 20, seed=2)
+    y[0, :5] = -1
+    grads = []
+    for chunk in (0, 7):
+        model = tiny_gpt()
+        model.loss_chunk = chunk
+        loss = model(x, y)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = grads
+    assert torch.allclose(l0, l1, atol=1e-6) and g0.keys() == g1.keys()
+    assert all(torch.allclose(g0[n], g1[n], atol=1e-6) for n in g0)
+    model.loss_chunk = 7
+    with torch.no_grad():                                         # eval: the plain path
+        assert torch.allclose(model(x, y), l0, atol=1e-6)
+        assert model(x).shape == (3, 20, V)
