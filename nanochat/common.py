@@ -3,6 +3,7 @@ Shared plumbing: distributed init, device/dtype choice, rank-0 printing, paths, 
 and the one error type that scripts turn into a clean one-line message.
 """
 import os
+import gc
 import sys
 import json
 import tempfile
@@ -75,7 +76,13 @@ def compute_init(device_type=None, seed=1337):
 
 
 def compute_cleanup():
+    """Tear down the process group. `del` DDP-wrapped modules first: a DDP Reducer that outlives
+    destroy_process_group() holds the group last, and its destructor then joins gloo's worker
+    thread with the GIL held while that thread waits for the GIL to free a tensor (a deadlock seen
+    at the end of a 2-rank CPU torchrun test; PyTorch releases the GIL only when the group's own
+    Python object goes last)."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()    # modules in reference cycles go now, while the group is still registered
         dist.barrier()  # no rank tears the group down while another still talks to it (gloo hangs)
         dist.destroy_process_group()
 

@@ -398,6 +398,7 @@ def main():
         print0(json.dumps(summary))
     if wandb_run is not None:
         wandb_run.finish()
+    del model  # the DDP wrapper (its Reducer) must go before the process group: see compute_cleanup
     compute_cleanup()
 
 

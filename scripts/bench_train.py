@@ -118,6 +118,7 @@ def main():
         out["mc"] = bench_mc_step(args, raw, step, timed, device, rank, ddp, local_rank, world)
         out["mc_over_plain_tok_per_s"] = round(out["mc"]["tok_per_s"] / out["tok_per_s"], 3)
     print0(json.dumps(out))
+    del model  # the DDP wrapper must go before the process group: see compute_cleanup
     compute_cleanup()
 
 
