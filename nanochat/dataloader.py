@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from nanochat.common import fail
-from nanochat.dataset import documents_iter_batched
+from nanochat.dataset import documents_iter_batched, SOURCES
 
 
 class DataLoader:
@@ -35,8 +35,8 @@ class DataLoader:
             fail(f"split must be train or val, got {split!r}")
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
             fail(f"need 0 <= rank < world_size, got rank={rank!r} world_size={world_size!r}")
-        if source not in ("bundled", "fineweb", "pysrc", "tokens"):
-            fail(f"unknown data source {source!r}: use bundled, fineweb, pysrc or tokens")
+        if source not in SOURCES + ("tokens",):
+            fail(f"unknown data source {source!r}: use {', '.join(SOURCES)} or tokens")
         self.tokenizer, self.B, self.T, self.split, self.source = tokenizer, B, T, split, source
         self.device = torch.device(device)
         self.rank, self.world_size, self.threads, self.data_dir = rank, world_size, tokenizer_threads, data_dir
