@@ -21,6 +21,8 @@ The working context (WC): the mixed-LOD window the model actually sees.
   uniform over w integer positions, w = K**level; LOD0 gets sigma exactly 0 (plain RoPE).
   "entry" counts positions in entries (bounded by W); the level goes in an embedding elsewhere.
 """
+import copy
+
 import numpy as np
 
 
@@ -357,7 +359,10 @@ class WorkingContext:
         return cls(K, W, L, tail, levels, indices)
 
     def copy(self):
-        return WorkingContext(self.K, self.W, self.max_level, self.tail, self.levels, self.indices)
+        """A copy of this (valid) window, not validated again: MemorySession copies it per token."""
+        out = copy.copy(self)  # scalars and _pow are never mutated in place: shared
+        out.levels, out.indices = self.levels.copy(), self.indices.copy()
+        return out
 
     def to_dict(self):
         """JSON-able; entries stored as level runs [level, first_index, count] (consecutive
