@@ -230,19 +230,6 @@ class RateLimiter:
             self.hits.setdefault(k, collections.deque()).append(now)
 
 
-def focus_runs(focus_map):
-    """Merge adjacent spans of the same level: a few runs instead of W entries."""
-    runs = []
-    for s in focus_map:
-        start, end, level, n = int(s["start"]), int(s["end"]), int(s["level"]), int(s.get("entries", 1))
-        if runs and runs[-1]["level"] == level and runs[-1]["end"] == start:
-            runs[-1]["end"] = end
-            runs[-1]["entries"] += n
-        else:
-            runs.append({"start": start, "end": end, "level": level, "entries": n})
-    return runs
-
-
 def plain(x):
     """Stats as JSON: numpy/torch scalars become numbers, anything unknown a string."""
     if isinstance(x, dict):

@@ -63,9 +63,9 @@ from nanochat.common import UserError, fail, atomic_write_json, get_base_dir, au
     autodetect_device_type, main_guard
 from nanochat.checkpoint_manager import load_checkpoint, build_model, find_last_step
 from nanochat.tokenizer import get_tokenizer
-from nanochat.web_api import (  # noqa: F401  request parsing + validation, re-exported from here
-    Limits, ApiError, error_body, read_body, parse_json, get_int, get_float, get_str, check_text, get_bool,
-    message_text, get_messages, sampling_params, parse_multipart, RateLimiter, focus_runs, plain, ROLES)
+from nanochat.web_api import (  # request parsing + validation
+    Limits, ApiError, error_body, read_body, parse_json, get_str, get_bool, get_messages, sampling_params,
+    parse_multipart, RateLimiter, plain)
 
 UI_PATH = os.path.join(os.path.dirname(nanochat.__file__), "ui.html")
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -273,7 +273,7 @@ class ChatServer:
             raise
         self._keep(worker, cid, session)
         conv.update(num_tokens=session.num_tokens, stats=plain(session.stats()),
-                    focus_map=focus_runs(session.focus_map()))
+                    focus_map=session.focus_map())
         self.store.save(conv)
         job.emit({"done": True, "stats": conv["stats"], "focus_map": conv["focus_map"],
                   "num_tokens": conv["num_tokens"], **result})
@@ -309,7 +309,7 @@ class ChatServer:
                     break
                 if tel is not None and time.monotonic() - last_map > 0.5:
                     last_map = time.monotonic()
-                    job.emit({"focus_map": focus_runs(session.focus_map()), "stats": plain(session.stats())})
+                    job.emit({"focus_map": session.focus_map(), "stats": plain(session.stats())})
                 if job.cancel.is_set():
                     finish = "cancelled"
                     break
@@ -380,7 +380,7 @@ class ChatServer:
                     "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": n}}
         if cid is not None:
             return self._with_session(worker, job, cid, body)
-        session = engine.MemorySession(worker.model, autocast=worker.autocast, **self.session_kw)
+        session = engine.MemorySession(worker.model, model_id=self.model_id, autocast=worker.autocast, **self.session_kw)
         try:
             result = body(session, None)
         finally:
