@@ -32,6 +32,7 @@ import json
 import time
 import array
 import hashlib
+import contextlib
 
 import numpy as np
 import torch
@@ -70,11 +71,10 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.autocast = autocast
 
-    def _fwd(self, *args, **kw):
-        if self.autocast is not None:
-            with self.autocast:
-                return self.model(*args, **kw)
-        return self.model(*args, **kw)
+    def _fwd(self, *args, fn=None, **kw):
+        """The model (or fn, e.g. its logits head) under the engine's autocast, if any."""
+        with self.autocast if self.autocast is not None else contextlib.nullcontext():
+            return (fn or self.model)(*args, **kw)
 
     def new_cache(self, batch_size, max_len):
         c = self.model.config
@@ -88,13 +88,7 @@ class Engine:
         h = None
         for a in range(0, ids.size(1), self.prefill_chunk):
             h = self._fwd(ids[:, a:a + self.prefill_chunk], kv_cache=cache, return_hidden=True)
-        return self._head(h[:, -1])
-
-    def _head(self, h):
-        if self.autocast is not None:
-            with self.autocast:
-                return self.model.logits_and_loss(h)
-        return self.model.logits_and_loss(h)
+        return self._fwd(h[:, -1], fn=self.model.logits_and_loss)
 
     @torch.no_grad()
     def generate(self, tokens, num_samples=1, max_tokens=64, temperature=1.0, top_k=None, seed=42, stop_tokens=()):
