@@ -22,6 +22,7 @@ import json
 import time
 import shutil
 import argparse
+import contextlib
 import subprocess
 import tempfile
 
@@ -84,9 +85,7 @@ def bench_mc(model, ids, args, device, autocast, root):
 
 
 @torch.no_grad()   # as Engine.generate: the bench's own decode loop must not build autograd graphs
-def bench_full(model, ids, args, device, autocast):
-    if len(ids) > args.max_full:
-        return "skipped"
+def bench_full(model, ids, args, device, autocast):  # main() skips histories past --max-full
     reset_mem(device)
     engine = Engine(model, autocast=autocast)
     phase = "cache"
@@ -142,20 +141,13 @@ def measure(args, h, mode):
     model = build(args, device)
     autocast = autocast_ctx(device.type)
     ids = np.random.default_rng(h).integers(0, args.vocab, size=h, dtype=np.int64)
-    root = args.dir or tempfile.mkdtemp(prefix="bench_decode_")
-    prof = None
-    if args.profile:   # where a decode run's time goes: the top ops by self time (CPU and device)
-        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        prof = torch.profiler.profile(activities=acts)
-        prof.__enter__()
-    try:
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    # --profile: where a decode run's time goes, the top ops by self time (CPU and device)
+    with (torch.profiler.profile(activities=acts) if args.profile else contextlib.nullcontext()) as prof, \
+            tempfile.TemporaryDirectory(prefix="bench_decode_") as tmp:
         out = bench_full(model, ids, args, device, autocast) if mode == "full" else \
-            bench_mc(model, ids, args, device, autocast, root)
-    finally:
-        if args.dir is None:
-            shutil.rmtree(root, ignore_errors=True)
+            bench_mc(model, ids, args, device, autocast, args.dir or tmp)
     if prof is not None:
-        prof.__exit__(None, None, None)
         out = out if isinstance(out, dict) else {"result": out}
         out["profile"] = top_ops(prof, device)
     return out

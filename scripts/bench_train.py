@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nanochat.common import compute_init, compute_cleanup, autocast_ctx, synchronize, peak_flops, print0
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizers
+from megacontext.mctrain import COMPILE_MODES
 
 
 def main():
@@ -47,7 +48,7 @@ def main():
     ap.add_argument("--mc-max-level", type=int, default=2)
     ap.add_argument("--mc-random-wcs", type=int, default=2)
     ap.add_argument("--mc-probes", type=int, default=4)
-    ap.add_argument("--mc-compile", default="pieces", choices=["pieces", "step"],
+    ap.add_argument("--mc-compile", default="pieces", choices=COMPILE_MODES,
                     help="torch.compile the model/GistNet/LensNet forwards, or the whole MC step")
     args = ap.parse_args()
     if args.megacontext and args.mc_context_len % args.seq:

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from nanochat.common import compute_init, print0, get_base_dir, main_guard, fail, atomic_write_json, autocast_ctx
 from nanochat.configurator import parse_config
