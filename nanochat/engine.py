@@ -64,12 +64,104 @@ def _cache_dtype(model):
     return torch.bfloat16 if p.is_cuda else p.dtype
 
 
+DECODE_MODES = ("static", "dynamic")
+
+
+def _check_decode(decode):
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+    return decode
+
+
+class DecodeStep:
+    """One decode step over `cache` with static shapes: the inputs are copied into buffers owned
+    here, the cache runs in static mode (KVCache.slot), and the forward sees the same shapes at
+    every step. On CUDA that step is captured once as a CUDA graph and then only replayed: an
+    eager d20 step is ~600 kernel launches, and the host, not the GPU, was the bottleneck. On CPU
+    the same static path runs eagerly (so CPU tests exercise it).
+    step(x, slot, pos=None, sigma=None): x (B, 1) token ids or (B, 1, D) embeddings; slot, a host
+    int <= cache.pos, is where the entry goes (entries >= slot are dropped, as truncate(slot) then
+    a dynamic forward would); pos/sigma (1, 1) as GPT.forward (pos None = slot). Returns the
+    (B, V) float32 logits (a copy: callers keep them across steps); cache.pos is then slot + 1."""
+
+    def __init__(self, model, cache, autocast=None, graph=None):
+        self.model, self.cache = model, cache
+        self.graph = cache.k.is_cuda if graph is None else graph
+        self._key = self._graph = None
+        # the graph must not hold weight casts cached by a warmup run's autocast (make_graphed_callables
+        # refuses cached autocast for this reason); a decode step uses each weight once, so no loss
+        if isinstance(autocast, torch.autocast):
+            autocast = torch.autocast(autocast.device, dtype=autocast.fast_dtype, enabled=autocast._enabled,
+                                      cache_enabled=False)
+        self.autocast = autocast if autocast is not None else contextlib.nullcontext()
+
+    def _run(self):
+        self.cache.slot = self.slot
+        try:
+            with torch.no_grad(), self.autocast:
+                kw = dict(embeds=self.x) if self.x.is_floating_point() else dict(idx=self.x)
+                h = self.model(**kw, pos=self.pos, sigma=self.sigma, kv_cache=self.cache, return_hidden=True)
+                return self.model.logits_and_loss(h[:, -1])
+        finally:
+            self.cache.slot = None  # the cache is dynamic again for everyone else (prefill, recompute)
+
+    def _capture(self):
+        """The PyTorch docs' recipe: warm up on a side stream (lazy init, autotuning, allocator),
+        then capture. Warmup and capture write the same k/v to the same slot: harmless."""
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                self._run()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        # thread_local: chat_web runs one worker thread per GPU; in the default "global" mode another
+        # worker's cudaMalloc during this capture would fail (and break the capture)
+        with torch.cuda.graph(g, capture_error_mode="thread_local"):
+            self._out = self._run()
+        return g
+
+    @torch.no_grad()
+    def __call__(self, x, slot, pos=None, sigma=None):
+        c = self.cache
+        if not 0 <= slot < c.max_len:
+            raise ValueError(f"decode slot {slot} outside the KV cache [0, {c.max_len})")
+        if slot > c.pos:
+            raise ValueError(f"decode slot {slot} would leave a gap after the {c.pos} cached entries")
+        # a graph bakes in buffer addresses and shapes: expand_batch (new k/v tensors) or other
+        # input shapes mean new static buffers and a new capture
+        sig = lambda t: None if t is None else (tuple(t.shape), t.dtype)  # noqa: E731
+        key = (c.k.data_ptr(), c.v.data_ptr(), tuple(c.k.shape), sig(x), sig(pos), sig(sigma))
+        if key != self._key:
+            self._key, self._graph = key, None
+            self.x, self.pos, self.sigma = (None if t is None else torch.empty_like(t, device=c.k.device)
+                                            for t in (x, pos, sigma))
+            self.slot = torch.zeros(1, dtype=torch.long, device=c.k.device)
+        self.x.copy_(x)
+        self.slot.fill_(slot)
+        for buf, t in ((self.pos, pos), (self.sigma, sigma)):
+            if buf is not None:
+                buf.copy_(t)
+        if not self.graph:
+            out = self._run()
+        else:
+            if self._graph is None:
+                self._graph = self._capture()
+            self._graph.replay()
+            out = self._out.clone()
+        c.pos = slot + 1  # as a dynamic forward leaves it
+        return out
+
+
 class Engine:
     prefill_chunk = 2048  # tokens per prefill forward: bounds activation memory for long prompts
 
-    def __init__(self, model, tokenizer=None, autocast=None):
+    def __init__(self, model, tokenizer=None, autocast=None, decode="static"):
+        """decode: "static" (one-token steps through a DecodeStep: a CUDA graph on CUDA) or
+        "dynamic" (a plain KV-cached forward per step)."""
         self.model, self.tokenizer = model, tokenizer
         self.autocast = autocast
+        self.decode = _check_decode(decode)
 
     def _fwd(self, *args, fn=None, **kw):
         """The model (or fn, e.g. its logits head) under the engine's autocast, if any."""
@@ -90,6 +182,14 @@ class Engine:
             h = self._fwd(ids[:, a:a + self.prefill_chunk], kv_cache=cache, return_hidden=True)
         return self._fwd(h[:, -1], fn=self.model.logits_and_loss)
 
+    def decoder(self, cache):
+        """step(nxt (B, 1) ids) -> (B, V) logits: one decode step over cache, per self.decode.
+        Make it after expand_batch (a static step keys its graph on the cache's buffers anyway)."""
+        if self.decode == "dynamic":
+            return lambda nxt: self._fwd(nxt, kv_cache=cache)[:, -1]
+        step = DecodeStep(self.model, cache, self.autocast)
+        return lambda nxt: step(nxt, cache.pos)
+
     @torch.no_grad()
     def generate(self, tokens, num_samples=1, max_tokens=64, temperature=1.0, top_k=None, seed=42, stop_tokens=()):
         """Yields (token_column (num_samples,) list[int], done mask list[bool]) per step."""
@@ -108,6 +208,7 @@ class Engine:
         if num_samples > 1:
             cache.expand_batch(num_samples)
             logits = logits.expand(num_samples, -1)
+        step = self.decoder(cache)
         stop = set(stop_tokens)
         done = [False] * num_samples
         for _ in range(max_tokens):
@@ -119,7 +220,7 @@ class Engine:
             yield col, list(done)
             if all(done):
                 return
-            logits = self._fwd(nxt, kv_cache=cache)[:, -1]
+            logits = step(nxt)
 
     def generate_batch(self, tokens, num_samples=1, **kw):
         """Returns num_samples lists of generated ids (stop token excluded)."""
@@ -181,9 +282,12 @@ class MemorySession:
     chunk = 2048          # entries per forward when many are recomputed (bounds activations)
     ingest_chunk = 16384  # tokens per tree append during ingest (one progress callback each)
 
-    def __init__(self, model, W=None, path=None, model_id=None, autocast=None, n_diff=4, tail=None, durable=False):
+    def __init__(self, model, W=None, path=None, model_id=None, autocast=None, n_diff=4, tail=None, durable=False,
+                 decode="static"):
+        """decode: "static" = one-entry forwards (every generated token) go through a DecodeStep
+        (a CUDA graph on CUDA), "dynamic" = a plain KV-cached forward; see Engine."""
         c = model.config
-        self._setup(model, model_id, autocast, path)
+        self._setup(model, model_id, autocast, path, decode)
         if path is not None and os.path.exists(os.path.join(path, STATE_FILE)):
             fail(f"{path} already holds a memory; reopen it with MemorySession.open")
         if self.mc:
@@ -200,7 +304,7 @@ class MemorySession:
         self.save()
 
     @classmethod
-    def open(cls, model, path, model_id=None, autocast=None, durable=False):
+    def open(cls, model, path, model_id=None, autocast=None, durable=False, decode="static"):
         """Reopen a memory that save() wrote: tree files + session.json. Another model -> UserError."""
         sp = os.path.join(path, STATE_FILE)
         if not os.path.isfile(sp):
@@ -212,7 +316,7 @@ class MemorySession:
         except Exception as e:
             fail(f"corrupt memory state {sp}: {type(e).__name__}: {e}")
         self = cls.__new__(cls)
-        self._setup(model, model_id, autocast, path)
+        self._setup(model, model_id, autocast, path, decode)
         if state.get("model_id") != self.model_id:
             fail(f"memory at {path} was made by model {state.get('model_id')!r}, not by this one "
                  f"({self.model_id!r}); its gists do not fit this model")
@@ -242,7 +346,8 @@ class MemorySession:
         self.counters.update(state.get("counters", {}))
         return self
 
-    def _setup(self, model, model_id, autocast, path):
+    def _setup(self, model, model_id, autocast, path, decode):
+        self.decode = _check_decode(decode)
         self.model, self.config, self.path = model, model.config, path
         self.mc = bool(model.config.megacontext)
         self.K = model.config.mc_block_size
@@ -266,6 +371,7 @@ class MemorySession:
         self._ix = np.full(self.W, -1, np.int64)
         self._known = 0                            # slots [0, _known) hold what _lv/_ix say
         self._logits = None                        # logits of the last cached entry
+        self._step = None                          # the DecodeStep, made at the first one-entry forward
         self._since_refocus = 0
         self.last_recomputed = 0
         self.counters = dict(ingested=0, generated=0, forwards=0, recomputed=0, reused=0,
@@ -349,6 +455,26 @@ class MemorySession:
         else:
             self._known = j  # plain: the layout is written below, as slots get cached
         pos, sigma = self._positions(j, E)
+        if E - j == 1 and self.decode == "static":  # every generated token: one static-shape step
+            if self._step is None:  # the cache lives as long as the session: one graph serves it
+                self._step = DecodeStep(self.model, self.cache, self.autocast)
+            x = self.emb[j:E][None] if self.mc else \
+                torch.tensor(self.tokens[self.w0 + j:self.w0 + E], dtype=torch.long, device=self.device)[None]
+            logits = self._step(x, j, pos, sigma)[0]
+        else:
+            logits = self._forward(j, E, pos, sigma)
+        if not self.mc:
+            self._lv[j:E], self._ix[j:E] = lv[j:E], ix[j:E]
+            self._known = E
+        self.last_recomputed = E - j
+        self.counters["forwards"] += 1
+        self.counters["recomputed"] += E - j
+        self.counters["reused"] += j
+        self._logits = logits
+        return logits
+
+    def _forward(self, j, E, pos, sigma):
+        """Entries [j, E) through the model in chunked KV-cached forwards: the last one's logits."""
         h = None
         with self.autocast:
             for a in range(j, E, self.chunk):
@@ -360,21 +486,15 @@ class MemorySession:
                 else:
                     ids = torch.tensor(self.tokens[self.w0 + a:self.w0 + b], dtype=torch.long, device=self.device)
                     h = self.model(ids[None], **kw)
-            logits = self.model.logits_and_loss(h[:, -1])[0]
-        if not self.mc:
-            self._lv[j:E], self._ix[j:E] = lv[j:E], ix[j:E]
-            self._known = E
-        self.last_recomputed = E - j
-        self.counters["forwards"] += 1
-        self.counters["recomputed"] += E - j
-        self.counters["reused"] += j
-        self._logits = logits
-        return logits
+            return self.model.logits_and_loss(h[:, -1])[0]
 
     @torch.no_grad()
     def _gist_fn(self, child_level, children):
+        children = children.to(self.device)
+        if children.is_floating_point():  # the tree widens gists to fp32; bf16 weights want bf16
+            children = children.to(self.model.transformer.wte.weight.dtype)
         with self.autocast:
-            return self.model.gist(child_level, children.to(self.device))
+            return self.model.gist(child_level, children)
 
     @torch.no_grad()
     def ingest(self, ids, progress=None):
@@ -532,7 +652,7 @@ class MemorySession:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
-            self.cache = self.emb = self._logits = None
+            self.cache = self.emb = self._logits = self._step = None
 
     def _check_open(self):
         if self.closed:

@@ -264,7 +264,11 @@ def mega_summary_positions(pos, sigma, K, S):
 class KVCache:
     """Preallocated per-layer K/V buffers (gpt-fast style). `pos` counts entries written.
     `truncate(j)` drops entries >= j so that an edit at working-context entry j recomputes
-    from j forward only."""
+    from j forward only.
+    Static mode (`slot` = a (1,) long device tensor, set by the caller, e.g. engine.DecodeStep):
+    a one-entry forward writes at that slot and attends over the whole buffer under a mask, so
+    every decode step has the same shapes and no host int (a CUDA graph can replay it). `pos` is
+    then the caller's to keep."""
 
     def __init__(self, batch_size, num_kv_heads, seq_len, head_dim, num_layers, device, dtype):
         shape = (num_layers, batch_size, seq_len, num_kv_heads, head_dim)
@@ -273,12 +277,17 @@ class KVCache:
         self.pos = 0
         self.max_len = seq_len
         self.num_layers = num_layers
+        self.slot = None
 
     def insert_kv(self, layer, k, v):
         if k.requires_grad or v.requires_grad:
             # an in-place write of a graph tensor would chain every step's autograd graph (with
             # autocast's bf16 weight copies) to the cache: ~1 GB per decode step at d20
             raise RuntimeError("KV-cached forwards must run under torch.no_grad() (or inference_mode)")
+        if self.slot is not None:  # static: GPT.forward masks the slots past `slot`
+            self.k[layer].index_copy_(1, self.slot, k.to(self.k.dtype))
+            self.v[layer].index_copy_(1, self.slot, v.to(self.v.dtype))
+            return self.k[layer], self.v[layer]
         t0, t1 = self.pos, self.pos + k.size(1)
         if t1 > self.max_len:
             raise ValueError(f"KV cache overflow: {t1} > {self.max_len}")
@@ -599,10 +608,18 @@ class GPT(nn.Module):
         targets (B, T) with -1 = ignore. Returns loss if targets given else logits (B, T, V)."""
         x = self.embed(idx) if embeds is None else embeds
         B, T, _ = x.shape
+        w = self.mega_window(mega, kv_cache, attn_mask)
+        if kv_cache is not None and kv_cache.slot is not None:
+            # static decode (see KVCache): the one new entry sees slots [0, slot]; the mask and
+            # the default position come from the device slot, so no step depends on a host int
+            if T != 1 or attn_mask is not None:
+                raise ValueError("a static-mode KV cache takes one entry per forward and no attn_mask")
+            slot = kv_cache.slot
+            attn_mask = (torch.arange(kv_cache.max_len, device=x.device) <= slot)[None, None, None]
+            pos = slot[None] if pos is None else pos
         if pos is None:
             t0 = kv_cache.pos if kv_cache is not None else 0
             pos = torch.arange(t0, t0 + T, device=x.device)[None]
-        w = self.mega_window(mega, kv_cache, attn_mask)
         if w:
             x, pos, sigma, attn_mask = self.mega_inputs(x, pos, sigma, w)
         dtype = torch.bfloat16 if x.is_cuda else torch.float32

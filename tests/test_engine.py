@@ -4,7 +4,9 @@ the same working context, fp32, atol 1e-4) through appends, collapses, refocus e
 WC edits, for both position schemes; the cache is really reused (an append recomputes 1 entry,
 an edit at j recomputes len - j); memory compresses from the first token past W; persistence
 round-trips; a plain model works through the same API; generate() refocuses every K tokens;
-chat_cli runs end to end on a tiny checkpoint.
+static-shape decode (DecodeStep, the CUDA-graph path, run eagerly here) gives the dynamic path's
+logits (fp32, atol 1e-4), for Engine (also batched) and MemorySession across refocus edits; bf16
+weights run; chat_cli runs end to end on a tiny checkpoint.
 """
 import os
 import sys
@@ -16,7 +18,7 @@ import torch
 
 from nanochat.common import UserError
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.engine import Engine, MemorySession, compute_model_id
+from nanochat.engine import Engine, MemorySession, DecodeStep, DECODE_MODES, compute_model_id
 
 ATOL = 1e-4  # fp32 on CPU: cached vs from-scratch logits differ only by summation order
 K, W, V = 4, 32, 96
@@ -245,6 +247,99 @@ def test_plain_engine_prefill_matches_forward():
         with torch.no_grad():
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
     assert out == seq[30:]
+
+
+def record_steps(engine):
+    """Keep every decode step's logits: wraps engine.decoder, which generate() steps through."""
+    logs, make = [], engine.decoder
+
+    def decoder(cache):
+        step = make(cache)
+        return lambda nxt: logs.append(step(nxt)) or logs[-1]
+    engine.decoder = decoder
+    return logs
+
+
+def test_static_decode_equals_dynamic_engine():
+    model = make_model(mc=False)
+    prompt = np.random.default_rng(0).integers(0, V, 20).tolist()
+    out, logs = {}, {}
+    for mode in DECODE_MODES:
+        eng = Engine(model, decode=mode)
+        logs[mode] = record_steps(eng)
+        out[mode] = eng.generate_batch(prompt, max_tokens=12, temperature=0.0)
+    assert out["static"] == out["dynamic"] and len(logs["static"]) == len(logs["dynamic"]) == 12
+    for a, b in zip(logs["static"], logs["dynamic"]):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    # num_samples > 1: expand_batch replaces the cache's buffers before the static step is made
+    kw = dict(num_samples=3, max_tokens=10, temperature=1.0, seed=5)
+    rows = Engine(model, decode="static").generate_batch(prompt, **kw)
+    assert rows == Engine(model, decode="dynamic").generate_batch(prompt, **kw)
+    assert len({tuple(r) for r in rows}) > 1, "rows are sampled independently"
+    with pytest.raises(ValueError, match="decode"):
+        Engine(model, decode="bogus")
+    with pytest.raises(ValueError, match="decode"):
+        MemorySession(make_model(), W=W, decode="bogus")
+
+
+def test_decode_step_slots():
+    model = make_model(mc=False)
+    eng, ids = Engine(model), torch.from_numpy(np.random.default_rng(0).integers(0, V, (1, 8)))
+    cache = eng.new_cache(1, 8)
+    eng.prefill(ids[:, :7], cache)
+    step = DecodeStep(model, cache)
+    with torch.no_grad():
+        torch.testing.assert_close(step(ids[:, 7:], 7), model(ids)[:, -1], atol=ATOL, rtol=0)
+        assert cache.pos == 8 and cache.slot is None   # as a dynamic forward leaves the cache
+        with pytest.raises(ValueError, match="outside the KV cache"):
+            step(ids[:, :1], 8)
+        # an earlier slot: as truncate there, then decode (MemorySession after an edit)
+        torch.testing.assert_close(step(ids[:, 3:4], 3), model(ids[:, :4])[:, -1], atol=ATOL, rtol=0)
+        assert cache.pos == 4
+        with pytest.raises(ValueError, match="gap"):
+            step(ids[:, :1], 6)
+
+
+@pytest.mark.parametrize("scheme", ["entry", "gaussian"])
+def test_static_decode_equals_dynamic_memory_session(scheme):
+    def run(decode):
+        s = MemorySession(make_model(scheme=scheme), W=W, decode=decode)
+        s.ingest(np.random.default_rng(0).integers(0, V, 100))   # a full window: appends collapse too
+        s.refocus()
+        logs, recomputed, logits = [], [], s.logits
+
+        def recorded():
+            out = logits()
+            logs.append(out.clone())
+            recomputed.append(s.last_recomputed)
+            return out
+        s.logits = recorded
+        toks = [t for t, _ in s.generate(3 * K + 1, temperature=0.0)]
+        return s, toks, logs, recomputed
+
+    s, toks, logs, recomputed = run("static")
+    _, toks_d, logs_d, recomputed_d = run("dynamic")
+    assert toks == toks_d and recomputed == recomputed_d
+    assert recomputed.count(1) >= K and max(recomputed) > 1   # static steps and recomputes after edits
+    for a, b in zip(logs, logs_d):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    assert s._step is not None
+    check(s)
+
+
+def test_bf16_weights_run_on_cpu():
+    """bench_decode --dtype bf16 converts the whole model: ingest (gists of gists, from the tree's
+    fp32 copies), refocus and both decode modes must run with bf16 parameters and cache."""
+    model = make_model().to(torch.bfloat16)
+    for mode in DECODE_MODES:
+        s = MemorySession(model, W=W, decode=mode)
+        tel = s.ingest(np.random.default_rng(0).integers(0, V, 300))
+        assert tel["new_nodes"][2] > 0
+        s.refocus()
+        assert len([t for t, _ in s.generate(2 * K, temperature=0.0)]) == 2 * K
+        assert s.cache.k.dtype == torch.bfloat16 and torch.isfinite(s.logits()).all()
+    plain = make_model(mc=False).to(torch.bfloat16)
+    assert len(Engine(plain).generate_batch([1, 2, 3], num_samples=2, max_tokens=5)[1]) == 5
 
 
 def test_chat_cli_one_shot(tiny_tokenizer, tmp_path, monkeypatch, capsys):
