@@ -4,6 +4,7 @@ full-attention KV decode of the same model over the whole history. Prints one JS
 
     python -m scripts.bench_decode --depth 2 --histories 4096,32768 --steps 32 --device cpu
     python -m scripts.bench_decode --depth 12 --W 4096 --histories 4096,32768,131072,1048576
+    python -m scripts.bench_decode --depth 20 --decode dynamic --dtype fp32   # the eager, autocast baseline
 
 Random init is fine for speed, but LensNet's head and the zero-init output projections are
 perturbed so that refocus really edits the window (and the cache really gets cut), as a trained
@@ -12,6 +13,10 @@ prefill the window, then time --steps generate() steps (sampling, tree/WC append
 refocus every K). Full: the plain Engine's cache over history + steps tokens, chunked prefill,
 then --steps one-token decode steps; "skipped" past --max-full tokens, {"oom": phase, ...} if it
 does not fit. Both time --steps steps after --warmup untimed ones.
+--decode static (default): one-token steps through engine.DecodeStep, a CUDA graph on CUDA
+(eager on CPU); dynamic: a plain KV-cached forward per step. --dtype bf16 (default on CUDA)
+converts the model's weights, so that autocast has no per-step weight casts to do; fp32 keeps
+fp32 weights (under bf16 autocast on CUDA).
 Memory: peak allocated GPU memory (CUDA), else the process's current RSS after the run. Every
 measurement runs in its own child process (same seed, same weights).
 """
@@ -31,7 +36,7 @@ import torch
 
 from nanochat.common import main_guard, fail, autocast_ctx, synchronize, autodetect_device_type
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.engine import Engine, MemorySession, sample_next
+from nanochat.engine import Engine, MemorySession, DECODE_MODES, sample_next
 
 
 def mem_mb(device):
@@ -52,7 +57,7 @@ def bench_mc(model, ids, args, device, autocast, root):
     path = os.path.join(root, f"mc_{len(ids)}")
     shutil.rmtree(path, ignore_errors=True)
     reset_mem(device)
-    s = MemorySession(model, W=args.W, path=path, model_id="bench", autocast=autocast)
+    s = MemorySession(model, W=args.W, path=path, model_id="bench", autocast=autocast, decode=args.decode)
     try:
         t0 = time.perf_counter()
         s.ingest(ids)
@@ -87,12 +92,13 @@ def bench_mc(model, ids, args, device, autocast, root):
 @torch.no_grad()   # as Engine.generate: the bench's own decode loop must not build autograd graphs
 def bench_full(model, ids, args, device, autocast):  # main() skips histories past --max-full
     reset_mem(device)
-    engine = Engine(model, autocast=autocast)
+    engine = Engine(model, autocast=autocast, decode=args.decode)
     phase = "cache"
     try:
         cache = engine.new_cache(1, len(ids) + args.warmup + args.steps)
         phase = "prefill"
         logits = engine.prefill(torch.from_numpy(ids)[None].to(device), cache)
+        step = engine.decoder(cache)
         synchronize(device.type)
         rng = torch.Generator(device=device).manual_seed(0)
         for i in range(args.warmup + args.steps):
@@ -102,7 +108,7 @@ def bench_full(model, ids, args, device, autocast):  # main() skips histories pa
             phase = f"decode step {i}"
             nxt = sample_next(logits, rng, 1.0, 50)
             int(nxt[0, 0])  # the host needs every token, as in generate()
-            logits = engine._fwd(nxt, kv_cache=cache)[:, -1]
+            logits = step(nxt)
         synchronize(device.type)
         dt = time.perf_counter() - t0
         return {"tok_per_s": round(args.steps / dt, 2), "ms_per_tok": round(dt / args.steps * 1e3, 3),
@@ -111,7 +117,7 @@ def bench_full(model, ids, args, device, autocast):  # main() skips histories pa
         # say where and how much: an OOM is a result only when the KV cache really does not fit
         return {"oom": phase, "mem_mb": round(mem_mb(device), 1), "error": str(e).splitlines()[0][:300]}
     finally:
-        cache = logits = None
+        cache = logits = step = None
         reset_mem(device)
 
 
@@ -132,6 +138,8 @@ def build(args, device):
             if not p.any():
                 p.normal_(std=0.02)
         model.lensnet.head.weight.normal_(std=1.0)
+    if args.dtype == "bf16":
+        model.to(torch.bfloat16)
     return model.eval()
 
 
@@ -186,6 +194,10 @@ def main():
     ap.add_argument("--warmup", type=int, default=8, help="untimed decode steps first (each run is a fresh process)")
     ap.add_argument("--max-full", type=int, default=131072, help="longest history for full attention")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--decode", default="static", choices=DECODE_MODES, help="decode steps: static shapes "
+                    "(a CUDA graph on CUDA) or a dynamic KV-cached forward")
+    ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"],
+                    help="model weights (default bf16 on CUDA, fp32 elsewhere)")
     ap.add_argument("--dir", default=None, help="where the MC tree goes (default: a temp dir, removed)")
     ap.add_argument("--profile", action="store_true", help="add each run's top ops (torch.profiler) to its result")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)  # "history,mode": one measurement
@@ -196,6 +208,8 @@ def main():
         fail(f"--histories must be comma-separated integers, got {args.histories!r}")
     if args.steps < 1 or args.warmup < 0 or min(histories) < 1:
         fail("--steps and every history must be >= 1, --warmup >= 0")
+    if args.dtype is None:
+        args.dtype = "bf16" if torch.device(args.device or autodetect_device_type()).type == "cuda" else "fp32"
     if args.child:
         h, mode = args.child.split(",")
         print(json.dumps(measure(args, int(h), mode)))
@@ -206,7 +220,7 @@ def main():
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch_threads": torch.get_num_threads(), "config": {k: getattr(cfg, k) for k in
            ("n_layer", "n_embd", "vocab_size", "mc_block_size", "mc_max_level", "pos_scheme")},
-           "W": args.W, "steps": args.steps, "mem": "peak_gpu_mb" if device.type == "cuda" else "rss_mb",
+           "W": args.W, "steps": args.steps, "decode": args.decode, "dtype": args.dtype, "mem": "peak_gpu_mb" if device.type == "cuda" else "rss_mb",
            "isolation": "one process per measurement", "results": []}
     for h in histories:
         row = {"history": h, "mc": run_child(argv, h, "mc"),
