@@ -5,6 +5,8 @@ Engine: prefill the prompt once (batch 1, in chunks, logits only for the last po
 replicate the cache for `num_samples` rows, then decode one token per step for every row; rows
 that hit a stop token are finished and padded. Sampling: temperature (0 = greedy) and top-k,
 with an explicit torch.Generator so a seed reproduces a sample.
+One-token steps (Engine and MemorySession) run through DecodeStep by default (decode="static"):
+the same shapes at every step, captured once as a CUDA graph on CUDA and replayed.
 
 MemorySession: one conversation's memory and the MegaContext decode loop (DESIGN §9):
 ingest -> refocus -> decode, chunked by K.
