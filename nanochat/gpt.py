@@ -147,6 +147,8 @@ def attention(q, k, v, causal=True, attn_mask=None):
     Tq, Tk = q.size(1), k.size(1)
     if flash_attn_func is not None and q.is_cuda and attn_mask is None and q.dtype in (torch.bfloat16, torch.float16):
         return flash_attn_func(q, k, v, causal=causal)  # bottom-right aligned causal, native GQA
+    if Tq == 1 and Tk > 1:  # KV-cached decode: one new query sees the (masked) cache
+        return decode_attention(q, k, v, attn_mask)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = q.size(1) != k.size(1)
     if attn_mask is None and causal and Tq != Tk:
@@ -165,6 +167,22 @@ def attention(q, k, v, causal=True, attn_mask=None):
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=gqa)
     return y.transpose(1, 2)
+
+
+def decode_attention(q, k, v, attn_mask=None):
+    """One query per row (q: (B, 1, H, D)) as two batched GEMVs around a softmax. SDPA's fused
+    kernels tile over queries: with a single query they run one thread block per head that walks
+    all Tk keys alone (measured on an H100, d20, 4k keys: 0.25 ms per layer, 5 ms per token).
+    A GEMV spreads the keys over the whole GPU, and reads K and V straight from the cache's
+    (B, Tk, Hkv, D) layout (no copy at B = 1). attn_mask: bool (B or 1, 1, 1, Tk), True = attend."""
+    B, _, H, D = q.shape
+    Hkv = k.size(2)
+    qg = (q * D ** -0.5).view(B, Hkv, H // Hkv, D)  # query heads grouped by the kv head they share
+    s = torch.matmul(qg, k.permute(0, 2, 3, 1)).float()                # (B, Hkv, G, Tk)
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask.reshape(attn_mask.size(0), 1, 1, k.size(1)), float("-inf"))
+    y = torch.matmul(torch.softmax(s, dim=-1).to(v.dtype), v.transpose(1, 2))  # (B, Hkv, G, D)
+    return y.reshape(B, 1, H, D)
 
 
 _flex_compiled = None

@@ -8,7 +8,9 @@ import math
 import pytest
 import torch
 
-from nanochat.gpt import GPT, GPTConfig, KVCache, GistNet, LensNet, rotary_cos_sin, lens_features, LENS_FEATURES
+import torch.nn.functional as F
+
+from nanochat.gpt import GPT, GPTConfig, KVCache, decode_attention, GistNet, LensNet, rotary_cos_sin, lens_features, LENS_FEATURES
 from nanochat.engine import Engine
 
 V = 128  # vocab of the tiny models
@@ -169,6 +171,22 @@ def test_kv_cached_decode_equals_full_recompute():
         bad = new_cache(model, B, T)
         model(tokens(B, 10, seed=9), kv_cache=bad)
         assert (model(x[:, 10:], kv_cache=bad) - full[:, 10:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("n_kv_head,batch", [(4, 1), (2, 1), (1, 3)])
+def test_decode_attention_equals_sdpa(n_kv_head, batch):
+    """The one-query GEMV path against SDPA, with GQA, a batch and a mask over the cache (the
+    static decode's layout), reading K/V as slices of a (B, L, Hkv, D) cache."""
+    g = torch.Generator().manual_seed(0)
+    H, D, L, Tk = 4, 16, 40, 29
+    q = torch.randn(batch, 1, H, D, generator=g)
+    cache_k, cache_v = (torch.randn(batch, L, n_kv_head, D, generator=g) for _ in range(2))
+    rep = lambda t: t.transpose(1, 2).repeat_interleave(H // n_kv_head, dim=1)  # noqa: E731
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), rep(cache_k[:, :Tk]), rep(cache_v[:, :Tk])).transpose(1, 2)
+    torch.testing.assert_close(decode_attention(q, cache_k[:, :Tk], cache_v[:, :Tk]), ref, atol=1e-5, rtol=1e-5)
+    mask = (torch.arange(L) < Tk)[None, None, None]   # the masked tail must not count, whatever it holds
+    torch.testing.assert_close(decode_attention(q, cache_k, cache_v, mask), ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(decode_attention(q, cache_k, cache_v), ref, atol=1e-3)
 
 
 def test_kv_cache_errors():
