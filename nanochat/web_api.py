@@ -51,9 +51,9 @@ def error_body(message, type):
 async def read_body(request, limit: int) -> bytes:
     too_big = ApiError(413, f"request body must be at most {limit} bytes", "request_too_large")
     cl = request.headers.get("content-length")
-    if cl is not None and not cl.isdigit():
+    if cl is not None and not (cl.isascii() and cl.isdigit()):  # "²".isdigit() is True too
         raise ApiError(400, "invalid Content-Length header")
-    if cl is not None and int(cl) > limit:
+    if cl is not None and (len(cl.lstrip("0")) > len(str(limit)) or int(cl) > limit):  # no int() of 5000 digits
         raise too_big
     buf = bytearray()
     async for chunk in request.stream():  # chunked bodies have no Content-Length: count as we go
@@ -63,16 +63,55 @@ async def read_body(request, limit: int) -> bytes:
     return bytes(buf)
 
 
-def _finite(x):
-    v = float(x)
-    if not math.isfinite(v):
-        raise ValueError(f"number out of range: {str(x)[:40]}")
-    return v
+class _NotANumber:
+    """What the JSON parser makes of a number literal that has no finite value (NaN, Infinity,
+    -Infinity, 1e999) or too many digits for int(): parse_json rejects the body, naming the field."""
+
+    def __init__(self, what):
+        self.what = what  # "NaN, which is not a finite number", for the error message
+
+
+_MAX_INT_DIGITS = 4300  # CPython's default int-from-string limit; json.loads would raise past it
+
+
+def _float_literal(tok):
+    v = float(tok)
+    return v if math.isfinite(v) else _NotANumber(f"{tok[:40]}, which is not a finite number")
+
+
+def _int_literal(tok):
+    if len(tok) > _MAX_INT_DIGITS:
+        return _NotANumber(f"an integer of {len(tok.lstrip('-'))} digits, more than {_MAX_INT_DIGITS}")
+    return int(tok)
+
+
+def _find_nan(v):
+    """The first _NotANumber in v or in the lists nested in it (objects were checked by their own hook)."""
+    stack = [v]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, _NotANumber):
+            return x
+        if isinstance(x, list):
+            stack.extend(x)
+    return None
+
+
+def _json_object(pairs):
+    for k, v in pairs:
+        bad = _find_nan(v)
+        if bad is not None:
+            raise ValueError(f"'{str(k)[:40]}' holds {bad.what}")
+    return dict(pairs)
 
 
 def parse_json(raw: bytes) -> dict:
-    try:  # NaN, Infinity and 1e999 are not valid JSON numbers: reject them here, once
-        body = json.loads(raw, parse_float=_finite, parse_constant=_finite)
+    try:  # NaN, Infinity, 1e999 and 5000-digit integers are no numbers we accept: reject them here, once
+        body = json.loads(raw, parse_float=_float_literal, parse_constant=_float_literal, parse_int=_int_literal,
+                          object_pairs_hook=_json_object)
+        bad = _find_nan(body)  # a bare top-level value or one in a top-level array
+        if bad is not None:
+            raise ValueError(f"the body holds {bad.what}")
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ApiError(400, f"body is not valid JSON: {str(e)[:200]}", "invalid_json") from None
     if not isinstance(body, dict):
@@ -80,24 +119,45 @@ def parse_json(raw: bytes) -> dict:
     return body
 
 
-def get_int(body, key, lo, hi, default=None):
+def _shown(v):
+    """A request value, short, as JSON spells it, for an error message."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        digits = len(str(abs(v))) if v.bit_length() < 14000 else None  # str() refuses > 4300 digits
+        return str(v) if digits is not None and digits <= 40 else f"an integer of {digits or 'over 4300'} digits"
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ("NaN" if v != v else "Infinity" if v > 0 else "-Infinity")
+    if isinstance(v, str):
+        return json.dumps(v[:40] + ("..." if len(v) > 40 else ""))
+    return {list: "an array", dict: "an object", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def get_number(body, key, lo, hi, default=None, integer=False):
+    """The one validator of every numeric request field: `key` absent or null -> default; else it
+    must be a finite JSON number in [lo, hi] (integer=True: an integral one, 3.0 passing as 3) ->
+    int or float. A bool is no number here (True is an int in Python), and a huge int is compared
+    exactly, never passed through float(). Anything else: a 400 naming the field and the range."""
     v = body.get(key)
     if v is None:
         return default
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ApiError(400, f"'{key}' must be an integer in [{lo}, {hi}], got {str(v)[:40]!r}")
-    return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        ok = False
+    elif isinstance(v, int):  # int vs int/float comparisons are exact in Python: no OverflowError
+        ok = lo <= v <= hi
+    else:
+        ok = math.isfinite(v) and lo <= v <= hi and (v.is_integer() or not integer)
+    if not ok:
+        raise ApiError(400, f"'{key}' must be {'an integer' if integer else 'a number'} in [{lo}, {hi}], got {_shown(v)}")
+    return int(v) if integer else float(v)
+
+
+def get_int(body, key, lo, hi, default=None):
+    return get_number(body, key, lo, hi, default, integer=True)
 
 
 def get_float(body, key, lo, hi, default=None):
-    v = body.get(key)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
-        raise ApiError(400, f"'{key}' must be a number in [{lo}, {hi}], got {str(v)[:40]!r}")
-    return float(v)
+    return get_number(body, key, lo, hi, default)
 
 
 def get_str(body, key, max_chars, required=False, default=None):
@@ -128,7 +188,7 @@ def get_bool(body, key, default=False):
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise ApiError(400, f"'{key}' must be true or false, got {str(v)[:40]!r}")
+        raise ApiError(400, f"'{key}' must be true or false, got {_shown(v)}")
     return v
 
 

@@ -66,19 +66,24 @@ def plot(results, out_dir, W):
     except ImportError:
         return []
     paths = []
+    train_fmt = results.get("accuracy_train_phrasing") or {}
+    colors = {p: f"C{i}" for i, p in enumerate(("lens", "recency", "random", "window", "full"))}
     for task, by_len in results["accuracy"].items():
-        fig, ax = plt.subplots(figsize=(6, 4))
-        lens = sorted(int(k) for k in by_len)
-        pols = sorted({p for v in by_len.values() for p in v})
-        for p in pols:
-            xs = [L for L in lens if p in by_len[str(L)]]
-            ax.plot(xs, [by_len[str(L)][p] for L in xs], marker="o", label=p)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel(f"history length (tokens); W = {W} entries")
-        ax.set_ylabel("accuracy")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"{task}: accuracy vs history length")
-        ax.legend()
+        # held-out phrasing (the claim) and, when scored, a training phrasing with eval seeds
+        # beside it: "not learned" and "not transferred" look different
+        panels = [("held-out phrasing", by_len)] + ([("training phrasing", train_fmt[task])] if task in train_fmt else [])
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+        for ax, (name, acc) in zip(axes[0], panels):
+            lens = sorted(int(k) for k in acc)
+            for pol in sorted({q for v in acc.values() for q in v}):
+                xs = [L for L in lens if pol in acc[str(L)]]
+                ax.plot(xs, [acc[str(L)][pol] for L in xs], marker="o", label=pol, color=colors.get(pol))
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(f"history length (tokens); W = {W} entries")
+            ax.set_ylabel("accuracy")
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_title(f"{task}, {name}")
+            ax.legend()
         p = os.path.join(out_dir, f"acc_{task}.png")
         fig.tight_layout()
         fig.savefig(p, dpi=120)
