@@ -6,6 +6,9 @@ Policies compared at the same budget W (entries):
 - "lens":     MegaContext, recency layout refocused by LensNet + the focus allocator (R rounds)
 - "recency":  MegaContext, recency layout, no refocus (gists, but no learned focus)
 - "random":   MegaContext, refocused with random scores (same allocator, same number of rounds)
+- "oracle":   MegaContext, refocused with perfect scores: the entries that cover the answer's
+              needle score high (task examples only). Its accuracy is the reader's with ideal
+              focus, so lens < oracle is LensNet's miss and oracle < 1 is the reader's.
 - "window":   the same model reading only the last W tokens (a plain sliding window: no memory)
 - "full":     the same model with full attention over the whole history (where it fits)
 
@@ -50,8 +53,18 @@ def lens_scores(model, table, offs, wc, tail=32):
     return s[0].float().cpu().numpy()
 
 
-def focus(model, table, offs, N, W, policy, rounds=8, n_diff=4, rng=None):
-    """Build the working context for a policy ('lens' | 'recency' | 'random')."""
+def oracle_scores(wc, targets):
+    """Perfect focus for needles at token spans targets [(a, b)]: the entries that overlap one
+    score high (expand), other LOD0 entries slightly low (they may collapse to pay for it)."""
+    hit = np.zeros(len(wc), bool)
+    for a, b in targets:
+        hit |= (wc.starts < b) & (wc.starts + wc.widths > a)
+    return np.where(hit, 5.0, -0.1 * (wc.levels == 0))
+
+
+def focus(model, table, offs, N, W, policy, rounds=8, n_diff=4, rng=None, targets=None):
+    """Build the working context for a policy ('lens' | 'recency' | 'random' | 'oracle'; the
+    oracle needs the target needles' token spans)."""
     c = model.config
     wc = WorkingContext.recency(N, c.mc_block_size, W, c.mc_max_level)
     if policy == "recency":
@@ -61,6 +74,8 @@ def focus(model, table, offs, N, W, policy, rounds=8, n_diff=4, rng=None):
     for _ in range(rounds):
         if policy == "lens":
             scores = lens_scores(model, table, offs, wc)
+        elif policy == "oracle":
+            scores = oracle_scores(wc, targets)
         else:
             scores = rng.standard_normal(len(wc))
         t = alloc.refocus(wc, scores)
@@ -95,17 +110,18 @@ def _positions(scheme, wc, n_cont, device, N):
 
 
 @torch.no_grad()
-def eval_example(model, ids, N, cont, W, policies, rounds=8, rng=None, full_max=None):
-    """ids: the history tokens [0, N) (np array); cont: tokens to score after it.
+def eval_example(model, ids, N, cont, W, policies, rounds=8, rng=None, full_max=None, targets=None):
+    """ids: the history tokens [0, N) (np array); cont: tokens to score after it; targets: the
+    answer's needle spans [(a, b)] (tokens), for the oracle policy (skipped without them).
     Returns {policy: {"correct": bool, "nll": mean nll, "edits": n}}."""
     dev = next(model.parameters()).device
     out = {}
     hist = torch.as_tensor(np.asarray(ids[:N]), device=dev)
-    mc_pol = [p for p in policies if p in ("lens", "recency", "random")]
+    mc_pol = [p for p in policies if p in ("lens", "recency", "random") or (p == "oracle" and targets)]
     if mc_pol:
         table, offs = build_levels(model, hist)
         for p in mc_pol:
-            wc, edits = focus(model, table, offs, N, W, p, rounds, rng=rng)
+            wc, edits = focus(model, table, offs, N, W, p, rounds, rng=rng, targets=targets)
             emb = entry_inputs(model, table, offs, wc)
             pos, sig = _positions(model.config.pos_scheme, wc, len(cont), dev, N)
             nll, ok = score_continuation(model, emb, pos, sig, cont)

@@ -3,7 +3,8 @@ Synthetic long-context tasks (RULER-style), built in token space so they work wi
 
 Notable:
 - Every generator returns `{"ids", "answer_start", "answer_len", "needle_pos", "target_pos",
-  "kind", "answer_text"}`. `ids` has exactly the requested length and ends with the answer, right
+  "target_spans", "kind", "answer_text"}` (target_spans: the answer's needles as token spans
+  [start, end)). `ids` has exactly the requested length and ends with the answer, right
   after the question: `answer_start + answer_len == length`. A model is scored by teacher-forced
   NLL / accuracy of `ids[answer_start:]` given everything before it.
 - Pieces (needles, question, answer) are encoded separately and concatenated as token arrays;
@@ -187,6 +188,7 @@ def _assemble(rng, length, filler, encode, kind, needles, depths, question, answ
     assert len(ids) == length
     return {"ids": ids, "answer_start": length - len(a_ids), "answer_len": len(a_ids),
             "needle_pos": needle_pos, "target_pos": [needle_pos[i] for i in target],
+            "target_spans": [(needle_pos[i], needle_pos[i] + len(needle_ids[i])) for i in target],
             "kind": kind, "answer_text": answer}
 
 

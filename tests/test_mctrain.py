@@ -392,6 +392,35 @@ def test_eval_policies_never_trade_detail_away_for_nothing():
         assert wc.level_counts()[0] >= WorkingContext.recency(T - H, K, W, L).level_counts()[0] - K * 8, policy
 
 
+def test_oracle_policy_brings_the_answer_needle_to_full_detail():
+    """mc_eval's "oracle" (perfect scores from the example's needle span) is the reader's ceiling:
+    its window must hold the needle at LOD0, where recency has it compressed, and it is skipped
+    when an example has no needle (loss-vs-distance text)."""
+    from megacontext.evals import build_levels, focus, eval_example
+    model = mc_model(seed=0, perturbed=True)
+    N = T - H
+    ids = stream(np.random.default_rng(0), 1, T)[0]
+    table, offs = build_levels(model, torch.from_numpy(ids[:N]))
+    span = (N // 4 + 1, N // 4 + 6)
+
+    def detail(wc):
+        over = (wc.starts < span[1]) & (wc.starts + wc.widths > span[0])
+        return wc.levels[over]
+
+    assert (detail(focus(model, table, offs, N, W, "recency")[0]) > 0).all()
+    wc, edits = focus(model, table, offs, N, W, "oracle", targets=[span])
+    wc.validate()
+    assert edits > 0 and (detail(wc) == 0).all() and len(wc) <= W
+    ex = tasks.make_example("passkey", tasks.task_rng("eval", 0), T, tasks.make_text_filler(ids), lambda s: [ord(c) % V for c in s],
+                            split="eval", fmt=tasks.EVAL_FMTS[0])
+    (a, b), = ex["target_spans"]
+    assert a == ex["target_pos"][0] and b > a and b <= ex["answer_start"]
+    r = eval_example(model, ids, N, ids[N:N + 4], W, ["oracle", "recency"], rng=np.random.default_rng(0))
+    assert set(r) == {"recency"}
+    r = eval_example(model, ids, N, ids[N:N + 4], W, ["oracle", "recency"], rng=np.random.default_rng(0), targets=[span])
+    assert set(r) == {"oracle", "recency"}
+
+
 def test_answer_weight_scales_whole_task_rows_in_the_horizon_loss():
     """row_nll normalises weights inside a row, and a task row's horizon is its answer alone, so
     mc_answer_weight must act across rows: a sample weighted 4 counts 4x in loss_mc."""

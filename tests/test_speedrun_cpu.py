@@ -23,6 +23,7 @@ def test_speedrun_cpu_end_to_end(tmp_path):
         assert summary["steps"] == 6
     res = json.loads((tmp_path / "runs" / "cpu_mc" / "mc_eval" / "mc_eval.json").read_text())
     assert set(res["accuracy"]) == {"passkey", "multikey"} and "lod1" in res["dnll"]
+    assert all({"lens", "oracle", "recency", "random", "window"} <= set(acc) for acc in res["accuracy"]["passkey"].values())
     assert (tmp_path / "speedrun.log").exists()
     # the training curves of both runs, from history.json and from the saved stdout log
     r = subprocess.run([sys.executable, "-m", "scripts.plot_train", "--run", "cpu_mc"], cwd=REPO, env=env,
