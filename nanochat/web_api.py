@@ -53,7 +53,8 @@ async def read_body(request, limit: int) -> bytes:
     cl = request.headers.get("content-length")
     if cl is not None and not (cl.isascii() and cl.isdigit()):  # "²".isdigit() is True too
         raise ApiError(400, "invalid Content-Length header")
-    if cl is not None and (len(cl.lstrip("0")) > len(str(limit)) or int(cl) > limit):  # no int() of 5000 digits
+    digits = None if cl is None else cl.lstrip("0") or "0"
+    if digits is not None and (len(digits) > len(str(limit)) or int(digits) > limit):  # no int() of 5000 digits
         raise too_big
     buf = bytearray()
     async for chunk in request.stream():  # chunked bodies have no Content-Length: count as we go
@@ -80,8 +81,9 @@ def _float_literal(tok):
 
 
 def _int_literal(tok):
-    if len(tok) > _MAX_INT_DIGITS:
-        return _NotANumber(f"an integer of {len(tok.lstrip('-'))} digits, more than {_MAX_INT_DIGITS}")
+    digits = len(tok) - tok.startswith("-")
+    if digits > _MAX_INT_DIGITS:
+        return _NotANumber(f"an integer of {digits} digits, more than {_MAX_INT_DIGITS}")
     return int(tok)
 
 
@@ -124,8 +126,11 @@ def _shown(v):
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int):
-        digits = len(str(abs(v))) if v.bit_length() < 14000 else None  # str() refuses > 4300 digits
-        return str(v) if digits is not None and digits <= 40 else f"an integer of {digits or 'over 4300'} digits"
+        try:
+            t = str(abs(v))
+        except ValueError:  # more digits than sys.get_int_max_str_digits()
+            return f"a {v.bit_length()}-bit integer"
+        return str(v) if len(t) <= 40 else f"an integer of {len(t)} digits"
     if isinstance(v, float):
         return repr(v) if math.isfinite(v) else ("NaN" if v != v else "Infinity" if v > 0 else "-Infinity")
     if isinstance(v, str):

@@ -273,6 +273,110 @@ def test_fuzz_bad_requests(ckpt, tiny_tokenizer, tmp_path):
     json.loads((tmp_path / cid / "conversation.json").read_text())
 
 
+def test_numeric_fields_reject_huge_nonfinite_and_bool(ckpt, tiny_tokenizer, tmp_path):
+    """Every numeric field goes through one validator: a 401-digit integer (float() of it overflows),
+    NaN/Infinity/1e999 (Python's json reads them), a bool (True is an int in Python) or a value out
+    of range is a 400 JSON error naming the field, never a 500, on every generating endpoint."""
+    huge, huge_neg = "1" * 401, "-" + "9" * 401
+    rng = "[1, 64]"
+    seed_rng = f"[{-(2**63)}, {2**63 - 1}]"
+    vocab = tiny_tokenizer.get_vocab_size()
+    # (field, JSON literal as sent on the wire, expected error type, words the message must hold)
+    cases = [("temperature", huge, "invalid_request_error", ["'temperature'", "[0.0, 2.0]", "401 digits"]),
+             ("temperature", "-" + huge, "invalid_request_error", ["'temperature'", "[0.0, 2.0]"]),
+             ("temperature", "true", "invalid_request_error", ["'temperature'", "[0.0, 2.0]", "got true"]),
+             ("temperature", "2.5", "invalid_request_error", ["'temperature'", "[0.0, 2.0]"]),
+             ("temperature", "NaN", "invalid_json", ["'temperature'", "NaN"]),
+             ("temperature", "Infinity", "invalid_json", ["'temperature'", "Infinity"]),
+             ("temperature", "-Infinity", "invalid_json", ["'temperature'", "-Infinity"]),
+             ("temperature", "1e999", "invalid_json", ["'temperature'", "1e999"]),
+             ("top_p", "Infinity", "invalid_json", ["'top_p'", "Infinity"]),
+             ("max_tokens", "true", "invalid_request_error", ["'max_tokens'", rng, "got true"]),
+             ("max_tokens", "false", "invalid_request_error", ["'max_tokens'", rng, "got false"]),
+             ("max_tokens", "-5", "invalid_request_error", ["'max_tokens'", rng, "got -5"]),
+             ("max_tokens", "0", "invalid_request_error", ["'max_tokens'", rng]),
+             ("max_tokens", huge, "invalid_request_error", ["'max_tokens'", rng, "401 digits"]),
+             ("max_tokens", "1e300", "invalid_request_error", ["'max_tokens'", rng]),
+             ("max_tokens", "2.5", "invalid_request_error", ["'max_tokens'", rng]),
+             ("max_tokens", "NaN", "invalid_json", ["'max_tokens'", "NaN"]),
+             ("seed", huge, "invalid_request_error", ["'seed'", seed_rng, "401 digits"]),
+             ("seed", huge_neg, "invalid_request_error", ["'seed'", seed_rng, "401 digits"]),
+             ("seed", str(2**63), "invalid_request_error", ["'seed'", seed_rng]),
+             ("seed", "true", "invalid_request_error", ["'seed'", seed_rng, "got true"]),
+             ("seed", "9" * 5000, "invalid_json", ["'seed'", "5000 digits"]),  # past int()'s digit limit
+             ("top_k", huge, "invalid_request_error", ["'top_k'", f"[0, {vocab}]"]),
+             ("top_k", "true", "invalid_request_error", ["'top_k'", f"[0, {vocab}]"]),
+             ("top_k", "-1", "invalid_request_error", ["'top_k'", f"[0, {vocab}]"]),
+             ("n", huge, "invalid_request_error", ["'n'", "[1, 1073741824]"]),
+             ("n", "true", "invalid_request_error", ["'n'", "[1, 1073741824]"])]
+    with TestClient(make_app(ckpt, tiny_tokenizer, tmp_path, max_tokens=64)) as c:
+        cid = c.post("/api/conversations", json={}).json()["id"]
+        endpoints = {f"/api/conversations/{cid}/messages": {"content": "hi", "max_tokens": 1},
+                     "/v1/chat/completions": {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+                     "/v1/completions": {"model": "tiny", "prompt": "hi", "max_tokens": 1}}
+        n = 0
+        for path, good in endpoints.items():
+            for stream in ([None] if "/api/" in path else [False, True]):
+                base = dict(good, **({} if stream is None else {"stream": stream}))
+                for field, literal, etype, words in cases:
+                    obj = {k: v for k, v in base.items() if k != field}
+                    raw = json.dumps(obj)[:-1] + f', "{field}": {literal}}}'   # the literal as it is, on the wire
+                    r = c.post(path, content=raw.encode(), headers={"content-type": "application/json"})
+                    assert r.status_code == 400, (path, field, literal[:20], r.status_code, r.text[:300])
+                    assert r.headers["content-type"].startswith("application/json")
+                    err = r.json()["error"]
+                    assert err["type"] == etype, (path, field, literal[:20], err)
+                    assert all(w in err["message"] for w in words), (path, field, literal[:20], err["message"])
+                    assert len(err["message"]) < 400   # the value is summarised, not echoed
+                    n += 1
+        assert n == 5 * len(cases)
+        assert c.get("/health").json()["status"] == "ok"
+        # valid values still work as before: integral floats for int fields, 0 and the range ends
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2.0, "temperature": 0,
+                                            "seed": -(2**63), "top_k": vocab, "n": 1})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] <= 2
+        r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                                 "max_tokens": 64, "temperature": 2, "seed": 2**63 - 1, "top_k": 0})
+        assert r.status_code == 200, r.text
+        chat(c, cid, "still here", seed=0, temperature=0.5, max_tokens=1)
+        assert c.get("/health").json()["status"] == "ok"
+
+
+def test_get_number_and_read_body_units():
+    """nanochat.web_api directly: the one numeric validator, and a Content-Length that is no
+    plain ASCII number (or one too long for int()) is a 4xx, not a ValueError."""
+    from nanochat.web_api import get_number, read_body, parse_json, ApiError
+    ok = [({"x": 3}, 0, 5, False, 3.0), ({"x": 0}, 0.0, 2.0, False, 0.0), ({"x": 2.0}, 1, 8, True, 2),
+          ({}, 0, 1, False, None), ({"x": None}, 0, 1, True, None), ({"x": 2**63 - 1}, 0, 2**63 - 1, True, 2**63 - 1)]
+    for body, lo, hi, integer, want in ok:
+        got = get_number(body, "x", lo, hi, integer=integer)
+        assert got == want and type(got) is type(want), (body, got)
+    assert get_number({}, "x", 0, 1, default=0.5) == 0.5
+    for v in [10**400, -10**400, 10**5000, True, False, float("nan"), float("inf"), -float("inf"), 1e300, -0.5,
+              "1", [1], {"a": 1}, 2.5]:
+        with pytest.raises(ApiError) as e:
+            get_number({"x": v}, "x", 0, 2, integer=isinstance(v, float) and v == 2.5)
+        assert e.value.status == 400 and "'x'" in e.value.message and "[0, 2]" in e.value.message, e.value.message
+    with pytest.raises(ApiError) as e:
+        parse_json(b'{"stop": ["a", [NaN]]}')                    # inside nested arrays too
+    assert e.value.type == "invalid_json" and "'stop'" in e.value.message
+
+    class Req:
+        def __init__(self, cl, data=b"{}"):
+            self.headers = {"content-length": cl}
+            self.data = data
+
+        async def stream(self):
+            yield self.data
+    for cl, status in [("\u00b2", 400), ("\u0663", 400), ("1" * 5000, 413), ("0" * 5000 + "2", None), ("100", 413)]:
+        try:
+            got = asyncio.run(read_body(Req(cl), 10))
+            assert status is None and got == b"{}", cl[:20]
+        except ApiError as e:
+            assert e.status == status, (cl[:20], e.status, e.message)
+
+
 def test_concurrent_conversations_no_crosstalk(ckpt, tiny_tokenizer, tmp_path):
     """16 conversations at once on 2 workers (+ 4 of them hit twice at once): every reply is the one
     a sequential run gives, and every memory holds its own conversation only."""
