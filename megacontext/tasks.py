@@ -12,7 +12,7 @@ Notable:
 - Tasks: passkey, multi-key NIAH (distractor keys), multi-value NIAH (all values of one key, in
   document order), KV recall (many key-value pairs, query one).
 - Train/eval separation, three ways: seeds (`task_rng`: train seeds < 2**31 <= eval seeds),
-  phrasing (`fmt` 0, 1, 3, 4, 5 for training, 2 held out for eval) and values (every answer number has
+  phrasing (`fmt` 0, 1, 3, 4, 5 and 12 generated ones, 6-17, for training; 2 held out for eval) and values (every answer number has
   an even digit sum in the train split and an odd one in eval), so an eval answer is never seen
   as an answer in training.
 - `mix_tasks_into_batch` swaps a random fraction of rows of a (B, T) token batch for task
@@ -23,7 +23,8 @@ import numpy as np
 
 TRAIN_SEED_BASE = 0
 EVAL_SEED_BASE = 2**31  # train seeds live in [0, 2**31), eval seeds in [2**31, 2**32)
-TRAIN_FMTS = (0, 1, 3, 4, 5)   # five phrasings per task: a copy rule, not two memorised sentences
+N_GENERATED = 12               # generated training phrasings per task (fmt 6..17), see _generated_templates
+TRAIN_FMTS = (0, 1, 3, 4, 5) + tuple(range(6, 6 + N_GENERATED))   # a copy rule, not memorised sentences
 EVAL_FMTS = (2,)
 SPLITS = ("train", "eval")
 
@@ -73,6 +74,46 @@ KV_TEMPLATES = [
     (" key-{k} holds value-{v}.", " What does key-{k} hold? It holds"),
     (" value-{v} belongs to key-{k}.", " Which value belongs to key-{k}? It is"),
 ]
+
+
+def _generated_templates():
+    """Training phrasings beyond the hand-written ones: one noun (or connector) per fmt, set in a
+    rotating sentence shape. The held-out fmt 2 stays unseen: no generated phrasing uses its
+    nouns ("access code", "hidden number", "maps to") or its words ("Important", "Keep",
+    "Recall", "List"). An earlier H100 run read the needle in a training phrasing far better
+    than in the held-out one (README, #4): more nouns and shapes teach the rule, not the words."""
+    nouns = ("pass code", "secret number", "code word", "combination", "ticket number", "locker number",
+             "serial number", "safe code", "room number", "order number", "key number", "pin code")
+    pk_shapes = (
+        (" The {n} is {k}. Remember the {n}. ", " What is the {n}? The {n} is"),
+        (" Write down the {n}: {k}. Again, the {n} is {k}. ", " Tell me the {n}. The {n} is"),
+        (" Here is the {n}, {k}. Do not lose it. ", " Earlier you were given the {n}. It was"),
+        (" Please memorize the {n} {k}. ", " Which {n} did you memorize? The {n} is"))
+    tags = ("lucky number", "special number", "magic value", "secret value", "tag number", "reference number",
+            "label number", "id number", "token number", "badge number", "rank number", "record number")
+    magic_shapes = (
+        (" The {n} of {key} is {v}. ", " What is the {n} of {key}? The {n} of {key} is",
+         " What are all the {n}s of {key}? The {n}s of {key} are"),
+        (" Note: {key} has the {n} {v}. ", " Which {n} does {key} have? {key} has the {n}",
+         " Which {n}s does {key} have? {key} has the {n}s"),
+        (" Remember the {n} for {key}: {v}. ", " Name the {n} for {key}. It is",
+         " Name every {n} for {key}. They are"))
+    links = ("points to", "is paired with", "stores", "gives", "links to", "is set to",
+             "returns", "contains", "leads to", "is bound to", "resolves to", "selects")
+    kv_shapes = ((" key-{k} {c} value-{v}.", " Query key-{k}. key-{k} {c}"),
+                 (" Entry: key-{k} {c} value-{v}.", " Which value does key-{k} give? key-{k} {c}"))
+    pk = [(a.replace("{n}", n), b.replace("{n}", n)) for i, n in enumerate(nouns) for a, b in [pk_shapes[i % len(pk_shapes)]]]
+    magic = [tuple(t.replace("{n}", n) for t in magic_shapes[i % len(magic_shapes)]) for i, n in enumerate(tags)]
+    kv = [(a.replace("{c}", c), b.replace("{c}", c)) for i, c in enumerate(links) for a, b in [kv_shapes[i % len(kv_shapes)]]]
+    return pk, magic, kv
+
+
+_gen = _generated_templates()
+PASSKEY_TEMPLATES += _gen[0]
+MAGIC_TEMPLATES += _gen[1]
+KV_TEMPLATES += _gen[2]
+assert all(len(t) == 6 + N_GENERATED for t in (PASSKEY_TEMPLATES, MAGIC_TEMPLATES, KV_TEMPLATES))
+
 # Keys for the NIAH tasks are two of these joined by a hyphen (1600 combinations), as in RULER.
 WORDS = (
     "apple river stone cloud tiger lamp window garden silver ocean forest candle mirror rocket "
