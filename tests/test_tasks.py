@@ -13,7 +13,7 @@ decode = lambda ids: bytes(int(i) for i in ids).decode()
 # Filler without digits, so a planted number can only come from a needle.
 filler = tasks.make_repeat_filler(encode)
 text_filler = tasks.make_text_filler(np.frombuffer(b"lorem ipsum dolor sit amet, consectetur. " * 50, np.uint8))
-MIN_LEN = {"passkey": 200, "multikey": 500, "multivalue": 500, "kv": 800}
+MIN_LEN = {"passkey": 200, "multikey": 500, "multivalue": 500, "kv": 900}
 
 
 def check_example(ex, length):
