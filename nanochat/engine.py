@@ -281,7 +281,7 @@ class MemorySession:
     For a plain (non-MC) model: a token list and a sliding window of the last sequence_len tokens
     (same API). On disk, gists are written without fsync per token (durable=False) and flushed by
     save(); a crash loses at most the unsaved tail, which open() reconciles."""
-    chunk = 2048          # entries per forward when many are recomputed (bounds activations)
+    chunk = 4096          # entries per forward when many are recomputed (bounds activations; a W=4096 window is one call)
     ingest_chunk = 16384  # tokens per tree append during ingest (one progress callback each)
 
     def __init__(self, model, W=None, path=None, model_id=None, autocast=None, n_diff=4, tail=None, durable=False,

@@ -10,7 +10,7 @@ import torch
 
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig, KVCache, decode_attention, GistNet, LensNet, rotary_cos_sin, lens_features, LENS_FEATURES
+from nanochat.gpt import GPT, GPTConfig, KVCache, attention, decode_attention, GistNet, LensNet, rotary_cos_sin, lens_features, LENS_FEATURES
 from nanochat.engine import Engine
 
 V = 128  # vocab of the tiny models
@@ -187,6 +187,21 @@ def test_decode_attention_equals_sdpa(n_kv_head, batch):
     mask = (torch.arange(L) < Tk)[None, None, None]   # the masked tail must not count, whatever it holds
     torch.testing.assert_close(decode_attention(q, cache_k, cache_v, mask), ref, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(decode_attention(q, cache_k, cache_v), ref, atol=1e-3)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_chunked_prefill_attention_is_lower_right_causal(n_kv_head):
+    """Tq < Tk queries are the last Tq positions: each sees the keys up to its own position."""
+    g = torch.Generator().manual_seed(0)
+    H, D, Tq, Tk = 4, 16, 5, 12
+    q = torch.randn(1, Tq, H, D, generator=g)
+    k, v = (torch.randn(1, Tk, n_kv_head, D, generator=g) for _ in range(2))
+    rep = lambda t: t.transpose(1, 2).repeat_interleave(H // n_kv_head, dim=1)  # noqa: E731
+    mask = torch.ones(Tq, Tk, dtype=torch.bool).tril(diagonal=Tk - Tq)
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), rep(k), rep(v), attn_mask=mask).transpose(1, 2)
+    torch.testing.assert_close(attention(q, k, v), ref, atol=1e-5, rtol=1e-5)
+    top_left = F.scaled_dot_product_attention(q.transpose(1, 2), rep(k), rep(v), is_causal=True).transpose(1, 2)
+    assert not torch.allclose(attention(q, k, v), top_left, atol=1e-3)
 
 
 def test_kv_cache_errors():
