@@ -86,7 +86,7 @@ def _generated_templates():
              "serial number", "safe code", "room number", "order number", "key number", "pin code")
     pk_shapes = (
         (" The {n} is {k}. Remember the {n}. ", " What is the {n}? The {n} is"),
-        (" Write down the {n}: {k}. Again, the {n} is {k}. ", " Tell me the {n}. The {n} is"),
+        (" Write down the {n}: {k}. Again: {k}. ", " Tell me the {n}. The {n} is"),
         (" Here is the {n}, {k}. Do not lose it. ", " Earlier you were given the {n}. It was"),
         (" Please memorize the {n} {k}. ", " Which {n} did you memorize? The {n} is"))
     tags = ("lucky number", "special number", "magic value", "secret value", "tag number", "reference number",
@@ -98,10 +98,11 @@ def _generated_templates():
          " Which {n}s does {key} have? {key} has the {n}s"),
         (" Remember the {n} for {key}: {v}. ", " Name the {n} for {key}. It is",
          " Name every {n} for {key}. They are"))
-    links = ("points to", "is paired with", "stores", "gives", "links to", "is set to",
-             "returns", "contains", "leads to", "is bound to", "resolves to", "selects")
-    kv_shapes = ((" key-{k} {c} value-{v}.", " Query key-{k}. key-{k} {c}"),
-                 (" Entry: key-{k} {c} value-{v}.", " Which value does key-{k} give? key-{k} {c}"))
+    links = ("points to", "stores", "gives", "returns", "contains", "yields",
+             "sets", "keeps", "has", "owns", "reads", "outputs")
+    kv_q = (" Query key-{k}. key-{k} {c}", " Which value does key-{k} give? key-{k} {c}")
+    # as short as the hand-written needles: 16 pairs must still fit the contexts that fit before
+    kv_shapes = [(" key-{k} {c} value-{v}.", q) for q in kv_q]
     pk = [(a.replace("{n}", n), b.replace("{n}", n)) for i, n in enumerate(nouns) for a, b in [pk_shapes[i % len(pk_shapes)]]]
     magic = [tuple(t.replace("{n}", n) for t in magic_shapes[i % len(magic_shapes)]) for i, n in enumerate(tags)]
     kv = [(a.replace("{c}", c), b.replace("{c}", c)) for i, c in enumerate(links) for a, b in [kv_shapes[i % len(kv_shapes)]]]

@@ -203,3 +203,21 @@ def test_generated_phrasings_keep_the_eval_phrasing_unseen():
             assert not any(w in part for w in held_out for part in t), t
         eval_parts = set(templates[tasks.EVAL_FMTS[0]])
         assert not eval_parts & {part for t in train for part in t}
+
+
+def test_generated_phrasings_need_no_longer_contexts():
+    """A generated phrasing is never longer than the longest hand-written one, so every context
+    length that fit a training example before still fits one (a CPU config trains at 512 tokens)."""
+    def min_len(kind, fmt):
+        lo, hi = 1, 4096
+        while lo < hi:  # the shortest length that assembles (fixed seed: same keys and values)
+            mid = (lo + hi) // 2
+            try:
+                tasks.make_example(kind, np.random.default_rng(0), mid, filler, encode, fmt=fmt)
+                hi = mid
+            except ValueError:
+                lo = mid + 1
+        return lo
+    for kind in tasks.TASKS:
+        written = max(min_len(kind, f) for f in range(6))
+        assert max(min_len(kind, f) for f in range(6, 6 + tasks.N_GENERATED)) <= written, kind
