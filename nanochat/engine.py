@@ -66,7 +66,7 @@ def _cache_dtype(model):
     return torch.bfloat16 if p.is_cuda else p.dtype
 
 
-DECODE_MODES = ("static", "dynamic")
+DECODE_MODES = ("static", "compiled", "dynamic")   # compiled = static + torch.compile before the capture
 
 
 def _check_decode(decode):
@@ -86,8 +86,11 @@ class DecodeStep:
     a dynamic forward would); pos/sigma (1, 1) as GPT.forward (pos None = slot). Returns the
     (B, V) float32 logits (a copy: callers keep them across steps); cache.pos is then slot + 1."""
 
-    def __init__(self, model, cache, autocast=None, graph=None):
+    def __init__(self, model, cache, autocast=None, graph=None, compile=False):
+        """compile: torch.compile the step first (fused norms, rotary, MLP: fewer kernels per
+        replay). The warmup runs before the capture compile it."""
         self.model, self.cache = model, cache
+        self._fwd = torch.compile(self._forward, dynamic=False) if compile else self._forward
         self.graph = cache.k.is_cuda if graph is None else graph
         self._key = self._graph = None
         # the graph must not hold weight casts cached by a warmup run's autocast (make_graphed_callables
@@ -97,13 +100,16 @@ class DecodeStep:
                                       cache_enabled=False)
         self.autocast = autocast if autocast is not None else contextlib.nullcontext()
 
+    def _forward(self, x, pos, sigma):
+        kw = dict(embeds=x) if x.is_floating_point() else dict(idx=x)
+        h = self.model(**kw, pos=pos, sigma=sigma, kv_cache=self.cache, return_hidden=True)
+        return self.model.logits_and_loss(h[:, -1])
+
     def _run(self):
         self.cache.slot = self.slot
         try:
             with torch.no_grad(), self.autocast:
-                kw = dict(embeds=self.x) if self.x.is_floating_point() else dict(idx=self.x)
-                h = self.model(**kw, pos=self.pos, sigma=self.sigma, kv_cache=self.cache, return_hidden=True)
-                return self.model.logits_and_loss(h[:, -1])
+                return self._fwd(self.x, self.pos, self.sigma)
         finally:
             self.cache.slot = None  # the cache is dynamic again for everyone else (prefill, recompute)
 
@@ -159,8 +165,9 @@ class Engine:
     prefill_chunk = 2048  # tokens per prefill forward: bounds activation memory for long prompts
 
     def __init__(self, model, tokenizer=None, autocast=None, decode="static"):
-        """decode: "static" (one-token steps through a DecodeStep: a CUDA graph on CUDA) or
-        "dynamic" (a plain KV-cached forward per step)."""
+        """decode: "static" (one-token steps through a DecodeStep: a CUDA graph on CUDA),
+        "compiled" (the same, torch.compile'd before the capture; opt-in until measured on a GPU)
+        or "dynamic" (a plain KV-cached forward per step)."""
         self.model, self.tokenizer = model, tokenizer
         self.autocast = autocast
         self.decode = _check_decode(decode)
@@ -189,7 +196,7 @@ class Engine:
         Make it after expand_batch (a static step keys its graph on the cache's buffers anyway)."""
         if self.decode == "dynamic":
             return lambda nxt: self._fwd(nxt, kv_cache=cache)[:, -1]
-        step = DecodeStep(self.model, cache, self.autocast)
+        step = DecodeStep(self.model, cache, self.autocast, compile=self.decode == "compiled")
         return lambda nxt: step(nxt, cache.pos)
 
     @torch.no_grad()
@@ -287,7 +294,7 @@ class MemorySession:
     def __init__(self, model, W=None, path=None, model_id=None, autocast=None, n_diff=4, tail=None, durable=False,
                  decode="static"):
         """decode: "static" = one-entry forwards (every generated token) go through a DecodeStep
-        (a CUDA graph on CUDA), "dynamic" = a plain KV-cached forward; see Engine."""
+        (a CUDA graph on CUDA), "compiled" and "dynamic" as in Engine."""
         c = model.config
         self._setup(model, model_id, autocast, path, decode)
         if path is not None and os.path.exists(os.path.join(path, STATE_FILE)):
@@ -457,9 +464,9 @@ class MemorySession:
         else:
             self._known = j  # plain: the layout is written below, as slots get cached
         pos, sigma = self._positions(j, E)
-        if E - j == 1 and self.decode == "static":  # every generated token: one static-shape step
+        if E - j == 1 and self.decode != "dynamic":  # every generated token: one static-shape step
             if self._step is None:  # the cache lives as long as the session: one graph serves it
-                self._step = DecodeStep(self.model, self.cache, self.autocast)
+                self._step = DecodeStep(self.model, self.cache, self.autocast, compile=self.decode == "compiled")
             x = self.emb[j:E][None] if self.mc else \
                 torch.tensor(self.tokens[self.w0 + j:self.w0 + E], dtype=torch.long, device=self.device)[None]
             logits = self._step(x, j, pos, sigma)[0]

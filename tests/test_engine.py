@@ -264,7 +264,7 @@ def test_static_decode_equals_dynamic_engine():
     model = make_model(mc=False)
     prompt = np.random.default_rng(0).integers(0, V, 20).tolist()
     out, logs = {}, {}
-    for mode in DECODE_MODES:
+    for mode in ("static", "dynamic"):
         eng = Engine(model, decode=mode)
         logs[mode] = record_steps(eng)
         out[mode] = eng.generate_batch(prompt, max_tokens=12, temperature=0.0)
@@ -327,11 +327,38 @@ def test_static_decode_equals_dynamic_memory_session(scheme):
     check(s)
 
 
+def test_compiled_decode_equals_static():
+    """decode="compiled" (torch.compile before the capture) gives the static step's tokens and
+    logits, for the plain Engine (twice: a second generate reuses the compiled code) and for a
+    MemorySession across refocus and recompute."""
+    assert set(DECODE_MODES) == {"static", "compiled", "dynamic"}
+    model = make_model(mc=False)
+    prompt = np.random.default_rng(0).integers(0, V, 20).tolist()
+    out, logs = {}, {}
+    for mode in ("static", "compiled", "compiled"):
+        eng = Engine(model, decode=mode)
+        logs[mode] = record_steps(eng)
+        out[mode] = eng.generate_batch(prompt, max_tokens=8, temperature=0.0)
+    assert out["static"] == out["compiled"]
+    for a, b in zip(logs["static"], logs["compiled"]):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    toks = {}
+    mc = make_model()
+    for mode in ("static", "compiled"):
+        s = MemorySession(mc, W=W, decode=mode)
+        s.ingest(np.random.default_rng(0).integers(0, V, 100))
+        s.refocus()
+        toks[mode] = [t for t, _ in s.generate(K + 4, temperature=0.0)]
+        toks[mode + "_logits"] = s.logits()
+    assert toks["static"] == toks["compiled"]
+    torch.testing.assert_close(toks["static_logits"], toks["compiled_logits"], atol=ATOL, rtol=0)
+
+
 def test_bf16_weights_run_on_cpu():
     """bench_decode --dtype bf16 converts the whole model: ingest (gists of gists, from the tree's
     fp32 copies), refocus and both decode modes must run with bf16 parameters and cache."""
     model = make_model().to(torch.bfloat16)
-    for mode in DECODE_MODES:
+    for mode in ("static", "dynamic"):
         s = MemorySession(model, W=W, decode=mode)
         tel = s.ingest(np.random.default_rng(0).integers(0, V, 300))
         assert tel["new_nodes"][2] > 0
