@@ -26,4 +26,5 @@ step train_mc_d8_step 150 "$PY" -m scripts.bench_train --depth 8 --batch 64 --se
   --megacontext --mc-context-len 16384 --mc-W 512 --mc-H 64 --mc-compile step
 step mc          150 "$PY" -m scripts.bench_mc
 step megaattn    150 "$PY" -m scripts.bench_megaattn --W 2048,8192,16384
-step decode      300 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,32768,131072,1048576 --steps 128
+step decode      300 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,131072,1048576 --steps 64
+step decode_compiled 300 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,131072,1048576 --steps 64 --decode compiled
