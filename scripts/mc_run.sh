@@ -4,6 +4,7 @@
 #   policies) -> MC vs plain training throughput in one process.
 #
 #   bash scripts/mc_run.sh                    # one H100: under 10 minutes (config mc_h100)
+#   NPROC=4 bash scripts/mc_run.sh            # MC training under torchrun on 4 GPUs, same global batch
 #   CONFIG=mc_cpu bash scripts/mc_run.sh      # a tiny CPU version
 #
 # Outputs: $NANOCHAT_BASE_DIR/runs/<run>/ (checkpoint, summary.json, mc_eval/); with RESULTS_DIR
@@ -14,6 +15,7 @@ PY="${PY:-python3}"
 CONFIG="${CONFIG:-mc_h100}"
 BUDGET="${BUDGET:-}"                      # minutes of MC training (default: the config's time_budget_min)
 BENCH="${BENCH:-0}"                       # 1: also the MC-vs-plain throughput bench (~2 min; scripts/gpu_bench.sh has it)
+NPROC="${NPROC:-1}"                       # >1: train on NPROC GPUs (torchrun); each takes 1/NPROC of the contexts
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}" PYTHONUNBUFFERED=1
 RESULTS_DIR="${RESULTS_DIR:-}"
 LOG="${RESULTS_DIR:-$(mktemp -d)}"   # logs stream straight into RESULTS_DIR when given
@@ -29,11 +31,21 @@ finish() {  # copy what exists, also after a failure
   cp "$d/mc_eval/mc_eval.json" "$RESULTS_DIR/mc_eval.json" 2>/dev/null || true
 }
 trap finish EXIT
+[[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || { echo "mc_run: NPROC must be a positive integer, got '$NPROC'" >&2; exit 2; }
+TRAIN=("$PY" -m scripts.base_train --config "$CONFIG")
+if [ "$NPROC" -gt 1 ]; then  # the config's global batch is kept: its contexts are split over the ranks
+  dbs=$(sed -n 's/^device_batch_size = \([0-9]*\)/\1/p' "configs/$CONFIG.toml" | head -1)
+  if [ -z "$dbs" ] || [ $(( dbs % NPROC )) -ne 0 ]; then
+    echo "mc_run: NPROC=$NPROC must divide device_batch_size (${dbs:-unset}) in configs/$CONFIG.toml" >&2; exit 2
+  fi
+  TRAIN=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m scripts.base_train
+         --config "$CONFIG" --device-batch-size $(( dbs / NPROC )))
+fi
 if [ "$CONFIG" = "mc_h100" ] && [ "$BENCH" = 1 ]; then  # the same shapes as the run: d8, 8 contexts x 16384 tokens, W=512
   "$PY" -m scripts.bench_train --depth 8 --batch 64 --seq 2048 --vocab 8192 --steps 10 --warmup 5 \
     --megacontext --mc-context-len 16384 --mc-W 512 --mc-H 64 2>&1 | tee "$LOG/bench_train_mc.json"
 fi
 "$PY" -m scripts.tok_train --config "$CONFIG" 2>&1 | tee "$LOG/tok_train.log"
-"$PY" -m scripts.base_train --config "$CONFIG" ${BUDGET:+--time-budget-min "$BUDGET"} 2>&1 | tee "$LOG/base_train.log"
+"${TRAIN[@]}" ${BUDGET:+--time-budget-min "$BUDGET"} 2>&1 | tee "$LOG/base_train.log"
 "$PY" -m scripts.mc_eval --config "$CONFIG" 2>&1 | tee "$LOG/mc_eval.log"
 echo "mc_run: done in $(( $(date +%s) - t0 ))s"
