@@ -169,12 +169,13 @@ class Engine:
         "compiled" (the same, torch.compile'd before the capture; opt-in until measured on a GPU)
         or "dynamic" (a plain KV-cached forward per step)."""
         self.model, self.tokenizer = model, tokenizer
-        self.autocast = autocast
+        # as MemorySession: bf16 autocast on CUDA by default (the KV cache is bf16 there)
+        self.autocast = autocast if autocast is not None else autocast_ctx(next(model.parameters()).device.type)
         self.decode = _check_decode(decode)
 
     def _fwd(self, *args, fn=None, **kw):
-        """The model (or fn, e.g. its logits head) under the engine's autocast, if any."""
-        with self.autocast if self.autocast is not None else contextlib.nullcontext():
+        """The model (or fn, e.g. its logits head) under the engine's autocast."""
+        with self.autocast:
             return (fn or self.model)(*args, **kw)
 
     def new_cache(self, batch_size, max_len):
