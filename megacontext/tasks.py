@@ -103,16 +103,16 @@ def _generated_templates():
     kv_q = (" Query key-{k}. key-{k} {c}", " Which value does key-{k} give? key-{k} {c}")
     # as short as the hand-written needles: 16 pairs must still fit the contexts that fit before
     kv_shapes = [(" key-{k} {c} value-{v}.", q) for q in kv_q]
-    pk = [(a.replace("{n}", n), b.replace("{n}", n)) for i, n in enumerate(nouns) for a, b in [pk_shapes[i % len(pk_shapes)]]]
-    magic = [tuple(t.replace("{n}", n) for t in magic_shapes[i % len(magic_shapes)]) for i, n in enumerate(tags)]
-    kv = [(a.replace("{c}", c), b.replace("{c}", c)) for i, c in enumerate(links) for a, b in [kv_shapes[i % len(kv_shapes)]]]
-    return pk, magic, kv
+
+    def fill(shapes, words, slot):  # word i goes into shape i (mod the number of shapes)
+        return [tuple(t.replace(slot, w) for t in shapes[i % len(shapes)]) for i, w in enumerate(words)]
+    return fill(pk_shapes, nouns, "{n}"), fill(magic_shapes, tags, "{n}"), fill(kv_shapes, links, "{c}")
 
 
-_gen = _generated_templates()
-PASSKEY_TEMPLATES += _gen[0]
-MAGIC_TEMPLATES += _gen[1]
-KV_TEMPLATES += _gen[2]
+_pk, _magic, _kv = _generated_templates()
+PASSKEY_TEMPLATES += _pk
+MAGIC_TEMPLATES += _magic
+KV_TEMPLATES += _kv
 assert all(len(t) == 6 + N_GENERATED for t in (PASSKEY_TEMPLATES, MAGIC_TEMPLATES, KV_TEMPLATES))
 
 # Keys for the NIAH tasks are two of these joined by a hyphen (1600 combinations), as in RULER.
