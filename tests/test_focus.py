@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 
 from megacontext.focus import FocusAllocator, pack_working_contexts, sample_working_contexts
 from megacontext.working_context import WorkingContext
+from megacontext.evals import oracle_scores
 
 SETTINGS = dict(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -231,8 +232,7 @@ def test_a_perfect_scorer_reaches_any_needle_within_the_eval_rounds(mult):
         wc = WorkingContext.recency(N, K, W, L)
         fa = FocusAllocator(n_diff=4, hysteresis=2, free_collapses=False)
         for _ in range(8):
-            j = int(np.searchsorted(wc.starts, needle, side="right") - 1)
-            fa.refocus(wc, np.where(np.arange(len(wc)) == j, 5.0, -0.1 * (wc.levels == 0)))
+            fa.refocus(wc, oracle_scores(wc, [(needle, needle + 1)]))   # mc_eval's "oracle" policy
         wc.validate()
         j = int(np.searchsorted(wc.starts, needle, side="right") - 1)
         assert wc.levels[j] == 0, (mult, depth, wc.level_counts())
