@@ -32,20 +32,20 @@ finish() {  # copy what exists, also after a failure
 }
 trap finish EXIT
 [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || { echo "mc_run: NPROC must be a positive integer, got '$NPROC'" >&2; exit 2; }
-TRAIN=("$PY" -m scripts.base_train --config "$CONFIG")
+LAUNCH=("$PY") SPLIT=()
 if [ "$NPROC" -gt 1 ]; then  # the config's global batch is kept: its contexts are split over the ranks
   dbs=$(sed -n 's/^device_batch_size = \([0-9]*\)/\1/p' "configs/$CONFIG.toml" | head -1)
   if [ -z "$dbs" ] || [ $(( dbs % NPROC )) -ne 0 ]; then
     echo "mc_run: NPROC=$NPROC must divide device_batch_size (${dbs:-unset}) in configs/$CONFIG.toml" >&2; exit 2
   fi
-  TRAIN=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m scripts.base_train
-         --config "$CONFIG" --device-batch-size $(( dbs / NPROC )))
+  LAUNCH=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC")
+  SPLIT=(--device-batch-size $(( dbs / NPROC )))
 fi
 if [ "$CONFIG" = "mc_h100" ] && [ "$BENCH" = 1 ]; then  # the same shapes as the run: d8, 8 contexts x 16384 tokens, W=512
   "$PY" -m scripts.bench_train --depth 8 --batch 64 --seq 2048 --vocab 8192 --steps 10 --warmup 5 \
     --megacontext --mc-context-len 16384 --mc-W 512 --mc-H 64 2>&1 | tee "$LOG/bench_train_mc.json"
 fi
 "$PY" -m scripts.tok_train --config "$CONFIG" 2>&1 | tee "$LOG/tok_train.log"
-"${TRAIN[@]}" ${BUDGET:+--time-budget-min "$BUDGET"} 2>&1 | tee "$LOG/base_train.log"
+"${LAUNCH[@]}" -m scripts.base_train --config "$CONFIG" "${SPLIT[@]}" ${BUDGET:+--time-budget-min "$BUDGET"} 2>&1 | tee "$LOG/base_train.log"
 "$PY" -m scripts.mc_eval --config "$CONFIG" 2>&1 | tee "$LOG/mc_eval.log"
 echo "mc_run: done in $(( $(date +%s) - t0 ))s"
