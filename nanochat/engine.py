@@ -61,6 +61,9 @@ def sample_next(logits, rng=None, temperature=1.0, top_k=None):
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=rng)
 
 
+_phase = torch.profiler.record_function  # named ranges in a profile (bench_decode --profile); ~1 us when off
+
+
 def _cache_dtype(model):
     p = next(model.parameters())
     return torch.bfloat16 if p.is_cuda else p.dtype
@@ -461,7 +464,8 @@ class MemorySession:
             self.cache.truncate(E - 1)
         j = self.cache.pos
         if self.mc:
-            self._materialize(lv, ix, E)
+            with _phase("mc.materialize"):
+                self._materialize(lv, ix, E)
         else:
             self._known = j  # plain: the layout is written below, as slots get cached
         pos, sigma = self._positions(j, E)
@@ -470,9 +474,11 @@ class MemorySession:
                 self._step = DecodeStep(self.model, self.cache, self.autocast, compile=self.decode == "compiled")
             x = self.emb[j:E][None] if self.mc else \
                 torch.tensor(self.tokens[self.w0 + j:self.w0 + E], dtype=torch.long, device=self.device)[None]
-            logits = self._step(x, j, pos, sigma)[0]
+            with _phase("mc.step"):
+                logits = self._step(x, j, pos, sigma)[0]
         else:
-            logits = self._forward(j, E, pos, sigma)
+            with _phase("mc.recompute"):
+                logits = self._forward(j, E, pos, sigma)
         if not self.mc:
             self._lv[j:E], self._ix[j:E] = lv[j:E], ix[j:E]
             self._known = E
@@ -595,8 +601,10 @@ class MemorySession:
         rng = torch.Generator(device=self.device).manual_seed(seed)
         stop = set(stop_tokens)
         for _ in range(max_tokens):
-            tok = int(sample_next(self.logits()[None], rng, temperature, top_k)[0, 0])
-            app = self._append(np.array([tok], np.int64))
+            with _phase("mc.logits"):
+                tok = int(sample_next(self.logits()[None], rng, temperature, top_k)[0, 0])
+            with _phase("mc.append"):
+                app = self._append(np.array([tok], np.int64))
             self.counters["generated"] += 1
             self._since_refocus += 1
             tel = None
@@ -604,7 +612,8 @@ class MemorySession:
             # block (a full window): both cut the cache, so together they cost one recompute
             forced = app["first_changed"] < app["len"] - 1
             if self.mc and (self._since_refocus >= self.K or forced):
-                tel = self.refocus()
+                with _phase("mc.refocus"):
+                    tel = self.refocus()
             yield tok, tel
             if tok in stop:
                 return

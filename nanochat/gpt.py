@@ -140,6 +140,10 @@ def apply_rotary(x, cos, sin):
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def _avoid_cudnn(q, Tq, Tk, attn_mask):
+    return q.is_cuda and (Tq != Tk or attn_mask is not None or not torch.is_grad_enabled())
+
+
 def attention(q, k, v, causal=True, attn_mask=None):
     """q: (B, Tq, H, D); k, v: (B, Tk, Hkv, D). attn_mask: bool (B or 1, 1, Tq, Tk), True = attend,
     or a FlexAttention BlockMask (then `causal` is ignored: the mask says everything).
@@ -161,12 +165,11 @@ def attention(q, k, v, causal=True, attn_mask=None):
             torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
     if attn_mask is not None:
         causal = False
-    # KV-cached calls: SDPA's cuDNN backend builds an execution plan per new key length, and
-    # prefill / recompute brings new ones all the time (measured 1.46 ms CPU per call on an H100
-    # when decode still came through here). Training (Tq == Tk, no mask) keeps the default choice,
-    # so its kernel and MFU do not change.
-    cached = q.is_cuda and (Tq != Tk or attn_mask is not None)
-    with sdpa_kernel(_NO_CUDNN) if cached else contextlib.nullcontext():
+    # SDPA's cuDNN backend builds an execution plan per new shape: 1.46 ms of CPU per KV-cached
+    # call, and 28 ms per call for a full-window recompute or a LensNet pass (Tq == Tk, new length
+    # at every refocus), measured on an H100. So inference (no grad) and KV-cached calls never use
+    # it; training (grad on, Tq == Tk, no mask, fixed shapes) keeps the default choice and its MFU.
+    with sdpa_kernel(_NO_CUDNN) if _avoid_cudnn(q, Tq, Tk, attn_mask) else contextlib.nullcontext():
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=gqa)
     return y.transpose(1, 2)
 

@@ -73,8 +73,9 @@ def bench_mc(model, ids, args, device, autocast, root):
         synchronize(device.type)
         c0 = dict(s.counters)
         t0 = time.perf_counter()
-        for _ in s.generate(args.steps, temperature=1.0, top_k=50, seed=0):
-            pass
+        with torch.profiler.record_function("bench.generate"):
+            for _ in s.generate(args.steps, temperature=1.0, top_k=50, seed=0):
+                pass
         synchronize(device.type)
         dt = time.perf_counter() - t0
         c = {k: s.counters[k] - c0[k] for k in ("recomputed", "reused", "refocus_calls", "refocus_ms", "edits")}
@@ -162,10 +163,16 @@ def measure(args, h, mode):
 
 
 def top_ops(prof, device, n=15):
+    """The top n ops by self device time (CPU: self CPU time), by self CPU time (host overhead),
+    and the engine's named phases (mc.*, bench.*: inclusive times, warmup included)."""
+    row = lambda e: {"op": e.key, "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),  # noqa: E731
+                     "self_device_ms": round(getattr(e, "self_device_time_total", 0) / 1e3, 2)}
+    ev = prof.key_averages()
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:n]
-    return [{"op": e.key, "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
-             "self_device_ms": round(getattr(e, "self_device_time_total", 0) / 1e3, 2)} for e in rows]
+    top = lambda k: [row(e) for e in sorted(ev, key=lambda e: getattr(e, k, 0), reverse=True)[:n]]  # noqa: E731
+    phases = [{"phase": e.key, "calls": e.count, "cpu_ms": round(e.cpu_time_total / 1e3, 2)}
+              for e in ev if e.key.startswith(("mc.", "bench."))]
+    return {"by_device": top(key), "by_cpu": top("self_cpu_time_total"), "phases": phases}
 
 
 def run_child(argv, h, mode):

@@ -55,7 +55,12 @@ def test_bench_decode_profile_names_the_top_ops():
     out = run_json("scripts.bench_decode", "--depth", "1", "--vocab", "256", "--W", "64", "--K", "8",
                    "--histories", "256", "--steps", "2", "--max-full", "0", "--device", "cpu", "--profile", timeout=240)
     prof = out["results"][0]["mc"]["profile"]
-    assert prof and any(r["op"].startswith("aten::") for r in prof) and all(r["calls"] > 0 for r in prof)
+    for rows in (prof["by_device"], prof["by_cpu"]):
+        assert rows and any(r["op"].startswith("aten::") for r in rows) and all(r["calls"] > 0 for r in rows)
+    phases = {p["phase"]: p for p in prof["phases"]}
+    # the engine's named phases: every generated token runs logits + append, the timed loop is one range
+    assert phases["bench.generate"]["calls"] == 1 and phases["mc.append"]["calls"] >= 2
+    assert phases["mc.logits"]["calls"] >= 2 and "mc.step" in phases and phases["mc.refocus"]["calls"] >= 1
 
 
 def test_bench_megaattn_cpu_smoke():

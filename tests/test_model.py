@@ -10,7 +10,7 @@ import torch
 
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig, KVCache, attention, decode_attention, GistNet, LensNet, rotary_cos_sin, lens_features, LENS_FEATURES
+from nanochat.gpt import GPT, GPTConfig, KVCache, attention, decode_attention, _avoid_cudnn, GistNet, LensNet, rotary_cos_sin, lens_features, LENS_FEATURES
 from nanochat.engine import Engine
 
 V = 128  # vocab of the tiny models
@@ -187,6 +187,20 @@ def test_decode_attention_equals_sdpa(n_kv_head, batch):
     mask = (torch.arange(L) < Tk)[None, None, None]   # the masked tail must not count, whatever it holds
     torch.testing.assert_close(decode_attention(q, cache_k, cache_v, mask), ref, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(decode_attention(q, cache_k, cache_v), ref, atol=1e-3)
+
+
+def test_cudnn_attention_only_for_training_shapes():
+    """cuDNN SDPA builds a plan per new shape (28 ms of CPU for a recompute or LensNet call on an
+    H100): inference and KV-cached calls must exclude it; training keeps SDPA's default choice."""
+    from types import SimpleNamespace
+    gpu, mask = SimpleNamespace(is_cuda=True), torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    assert not _avoid_cudnn(gpu, 64, 64, None)                 # training forward (grad on)
+    assert _avoid_cudnn(gpu, 8, 64, None) and _avoid_cudnn(gpu, 4, 4, mask)  # chunked prefill, masks
+    with torch.no_grad():
+        assert _avoid_cudnn(gpu, 64, 64, None)                 # a full-window recompute, LensNet
+    with torch.inference_mode():
+        assert _avoid_cudnn(gpu, 64, 64, None)
+    assert not _avoid_cudnn(SimpleNamespace(is_cuda=False), 8, 64, None)  # CPU has no cuDNN SDPA
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2])
