@@ -191,34 +191,12 @@ def compile_mc(step, mode="pieces"):
     return step
 
 
-LENS_TARGETS = ("all", "probes")
-
-
-def lens_argmin_ce(scores, legal, probes, target, over="all"):
-    """LensNet's loss: cross-entropy of the regularised argmin `target` (0 = no edit, k > 0 =
-    probes[:, k-1]) against LensNet's scores, with "no edit" as a fixed logit 0. over="probes":
-    the softmax runs over {no edit, the P probes} alone, so the other entries of the window get no
-    gradient. over="all": over {no edit, every legal entry}, so every unprobed entry is pushed below
-    the winner: at eval LensNet must rank the needle's gist first among the whole window, not
-    among 4 candidates (an H100 run had the oracle policy at 1.00 on held-out passkey at 64x W and
-    LensNet at 0.05 with "probes"). scores, legal: (B, Wb); probes: (B, P); target: (B,)."""
-    zero = torch.zeros_like(scores[:, :1])
-    if over == "probes":
-        return F.cross_entropy(torch.cat([zero, scores.gather(1, probes)], 1), target, reduction="none")
-    logits = torch.cat([zero, scores.masked_fill(~legal, float("-inf"))], 1)
-    pick = probes.gather(1, (target - 1).clamp(min=0)[:, None])[:, 0]
-    return F.cross_entropy(logits, torch.where(target > 0, 1 + pick, 0), reduction="none")
-
-
 class MCStep(nn.Module):
     """The whole MegaContext training step as one module (so DDP can wrap it)."""
 
     def __init__(self, model, W, H, n_random=2, n_probe=4, lam=0.01, mc_weight=1.0, lens_weight=1.0,
-                 plain_weight=1.0, lens_tail=32, lens_targets="all"):
+                 plain_weight=1.0, lens_tail=32):
         super().__init__()
-        if lens_targets not in LENS_TARGETS:
-            raise ValueError(f"lens_targets must be one of {LENS_TARGETS}, got {lens_targets!r}")
-        self.lens_targets = lens_targets
         self.model = model
         c = model.config
         self.K, self.L, self.scheme = c.mc_block_size, c.mc_max_level, c.pos_scheme
@@ -326,7 +304,8 @@ class MCStep(nn.Module):
                 metrics[f"dnll_expand_lod{l}"] = (dnll * sel).sum() / sel.sum().clamp(min=1)
             metrics["swap_rate"] = (target > 0).float().mean()
             metrics["lens_top1_gain"] = -dnll[:, 0].mean()
-        lens_ce = lens_argmin_ce(scores, legal, probes, target, self.lens_targets)
+        lens_logits = torch.cat([torch.zeros(B, 1, device=dev), scores.gather(1, probes)], 1)
+        lens_ce = F.cross_entropy(lens_logits, target, reduction="none")
         lens_loss = (lens_ce * has_legal).sum() / has_legal.sum().clamp(min=1)
         metrics["loss_lens"] = lens_loss.detach()
 

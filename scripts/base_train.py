@@ -32,7 +32,7 @@ from nanochat.dataloader import DataLoader
 from nanochat.loss_eval import evaluate_bpb, get_token_bytes
 from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, restore_training_state
 from nanochat.engine import Engine
-from megacontext.mctrain import MCStep, make_plan, compile_mc, COMPILE_MODES, LENS_TARGETS
+from megacontext.mctrain import MCStep, make_plan, compile_mc, COMPILE_MODES
 from megacontext import tasks
 
 
@@ -127,7 +127,6 @@ class TrainConfig:
     mc_probes: int = 4                # counterfactual expansions per context for LensNet
     mc_compile: str = "pieces"        # pieces | step: what torch.compile wraps on CUDA (megacontext/mctrain.py: compile_mc)
     mc_lambda: float = 0.01           # edit cost (nats) in LensNet's regularised argmin
-    mc_lens_targets: str = "all"      # all | probes: LensNet's softmax over every legal entry or the probes alone
     mc_weight: float = 0.1            # weight of the working-context horizon loss: its H tokens per row
                                       # weigh ~60x a plain token each; at 1.0 plain loss fell behind
                                       # plain-only training (tests/test_mctrain.py), at 0.1 it keeps up
@@ -194,8 +193,6 @@ def main():
                  f"(the probe bases keep room for an oracle's descent of max_level expansions)")
         if cfg.mc_compile not in COMPILE_MODES:
             fail(f"mc_compile must be one of {', '.join(COMPILE_MODES)}, got {cfg.mc_compile!r}")
-        if cfg.mc_lens_targets not in LENS_TARGETS:
-            fail(f"mc_lens_targets must be one of {', '.join(LENS_TARGETS)}, got {cfg.mc_lens_targets!r}")
     with torch.device("meta"):
         model = GPT(model_config)
     model.to_empty(device=device)
@@ -244,7 +241,7 @@ def main():
     if cfg.megacontext:
         # the whole MC step is one module so that DDP syncs GistNet/LensNet with the rest
         model = MCStep(orig_model, cfg.mc_W, cfg.mc_H, cfg.mc_random_wcs, cfg.mc_probes, cfg.mc_lambda,
-                       cfg.mc_weight, cfg.lens_weight, lens_targets=cfg.mc_lens_targets)
+                       cfg.mc_weight, cfg.lens_weight)
         if device.type == "cuda" and cfg.compile:
             compile_mc(model, cfg.mc_compile)
         batcher = MCBatcher(tokenizer, cfg, rank, device)

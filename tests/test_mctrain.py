@@ -24,7 +24,7 @@ if REPO not in sys.path:  # when torchrun runs this file as a script
     sys.path.insert(0, REPO)
 
 import megacontext.mctrain as mctrain
-from megacontext.mctrain import MCStep, make_plan, expand_rows, level_offsets, lens_argmin_ce
+from megacontext.mctrain import MCStep, make_plan, expand_rows, level_offsets
 from megacontext.working_context import WorkingContext
 from megacontext import tasks
 from nanochat.gpt import GPT, GPTConfig
@@ -716,28 +716,6 @@ def test_base_train_megacontext_under_torchrun(tiny_tokenizer, tmp_path):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--ddp-base-train-worker"]:
     ddp_base_train_worker(sys.argv[2], sys.argv[3:])
-
-
-def test_lens_loss_over_all_entries_ranks_the_winner_above_unprobed_entries():
-    scores = torch.randn(2, 6, requires_grad=True)
-    legal = torch.tensor([[0, 1, 1, 1, 1, 0], [1, 1, 1, 0, 1, 1]], dtype=torch.bool)
-    probes, target = torch.tensor([[1, 3], [0, 2]]), torch.tensor([2, 0])   # row 0: probe 2 (entry 3) wins; row 1: no edit
-    ce = lens_argmin_ce(scores, legal, probes, target, "all")
-    s0 = scores.detach()
-    ref0 = -torch.log_softmax(torch.cat([torch.zeros(1), s0[0, 1:5]]), 0)[1 + 2]       # entry 3 among {0, 1..4}
-    ref1 = -torch.log_softmax(torch.cat([torch.zeros(1), s0[1, [0, 1, 2, 4, 5]]]), 0)[0]
-    torch.testing.assert_close(ce.detach(), torch.stack([ref0, ref1]))
-    ce.sum().backward()
-    g = scores.grad
-    assert g[0, 3] < 0 and (g[0, [1, 2, 4]] > 0).all(), "the winner goes up, every other legal entry down"
-    assert g[0, 0] == 0 and g[0, 5] == 0 and g[1, 3] == 0, "illegal entries get no gradient"
-    assert (g[1, legal[1]] > 0).all(), "no edit wins: every legal entry goes down"
-    scores.grad = None
-    lens_argmin_ce(scores, legal, probes, target, "probes").sum().backward()
-    assert scores.grad[0, 2] == 0 and scores.grad[1, 4] == 0, "probes only: unprobed entries get nothing"
-    with pytest.raises(ValueError, match="lens_targets"):
-        MCStep(GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, sequence_len=64,
-                             megacontext=True, mc_block_size=4, mc_max_level=2)), 32, 8, lens_targets="top")
 
 
 def test_a_short_context_has_no_probes_and_no_lens_loss():
