@@ -62,6 +62,11 @@ def oracle_scores(wc, targets):
     return np.where(hit, 5.0, -0.1 * (wc.levels == 0))
 
 
+def needles_at_lod0(wc, targets):
+    """True when every token of every target span [(a, b)] is a LOD0 entry of wc."""
+    return all(not ((wc.starts < b) & (wc.starts + wc.widths > a) & (wc.levels > 0)).any() for a, b in targets)
+
+
 def focus(model, table, offs, N, W, policy, rounds=8, n_diff=4, rng=None, targets=None):
     """Build the working context for a policy ('lens' | 'recency' | 'random' | 'oracle'; the
     oracle needs the target needles' token spans)."""
@@ -69,7 +74,7 @@ def focus(model, table, offs, N, W, policy, rounds=8, n_diff=4, rng=None, target
     wc = WorkingContext.recency(N, c.mc_block_size, W, c.mc_max_level)
     if policy == "recency":
         return wc, 0
-    alloc = FocusAllocator(n_diff=n_diff, hysteresis=2, free_collapses=False)   # as MemorySession
+    alloc = FocusAllocator(n_diff=n_diff, hysteresis=2, free_collapses=False, carry_scores=True)   # as MemorySession
     edits = 0
     for _ in range(rounds):
         if policy == "lens":
@@ -127,6 +132,8 @@ def eval_example(model, ids, N, cont, W, policies, rounds=8, rng=None, full_max=
             nll, ok = score_continuation(model, emb, pos, sig, cont)
             out[p] = {"correct": ok, "nll": float(nll.mean()), "edits": edits,
                       "lod_counts": wc.level_counts().tolist()}
+            if targets:   # did focus bring every answer needle to LOD0? (a miss: focus's, else the reader's)
+                out[p]["needle_at_lod0"] = needles_at_lod0(wc, targets)
     for p, span in (("window", W), ("full", full_max)):
         if p not in policies or (p == "full" and (full_max is None or N > full_max)):
             continue

@@ -308,7 +308,7 @@ class MemorySession:
             self.tree = MegaContextTree(K=self.K, dim=c.n_embd, max_level=c.mc_max_level,
                                         model_id=self.model_id, path=path, durable=durable)
             self.wc = WorkingContext(self.K, self.W, c.mc_max_level, tail)
-            self.focus = FocusAllocator(n_diff, free_collapses=False)   # LensNet ranks expansions only
+            self.focus = FocusAllocator(n_diff, free_collapses=False, carry_scores=True)   # LensNet ranks expansions only
         else:
             self.W = min(int(W or c.sequence_len), c.sequence_len)
             self.tokens, self.w0 = array.array("I"), 0
@@ -347,7 +347,7 @@ class MemorySession:
                 wc = WorkingContext.recency(N, wc.K, wc.W, wc.max_level, wc.tail)
                 self.recovered["wc_rebuilt"] = True
             self.wc = wc
-            self.focus = FocusAllocator(state["n_diff"], free_collapses=False)
+            self.focus = FocusAllocator(state["n_diff"], free_collapses=False, carry_scores=True)
             self.focus.calls = int(state.get("focus_calls", 0))  # hysteresis memory is not persisted
         else:
             self._lock_dir()

@@ -144,15 +144,16 @@ def main():
     t0 = time.time()
 
     partial = {}
+    at_lod0 = {}   # "[label]task" -> L -> policy -> share of examples whose answer needles ended at LOD0
 
     def task_accuracy(fmt, label):
         """Accuracy by (task, history length, policy) and by needle depth, for one phrasing."""
         acc, by_depth = {}, {}
         for task in task_names:
-            acc[task], by_depth[task] = {}, {}
+            acc[task], by_depth[task], at_lod0[label + task] = {}, {}, {}
             for m in mults:
                 L = m * W
-                hits = {p: [] for p in policies}
+                hits, lod0 = {p: [] for p in policies}, {}
                 depth_hits = {}
                 for i in range(cfg.n):
                     cell = mults.index(m) * len(task_names) + task_names.index(task)   # one seed range per (task, L)
@@ -167,11 +168,15 @@ def main():
                                          targets=ex["target_spans"])
                     for p, v in r.items():
                         hits[p].append(v["correct"])
+                        if "needle_at_lod0" in v:
+                            lod0.setdefault(p, []).append(v["needle_at_lod0"])
                         depth_hits.setdefault(p, {}).setdefault(round(depth, 2), []).append(v["correct"])
                 acc[task][str(L)] = {p: float(np.mean(h)) for p, h in hits.items() if h}
                 by_depth[task][str(L)] = {p: {d: float(np.mean(v)) for d, v in dd.items()} for p, dd in depth_hits.items()}
+                at_lod0[label + task][str(L)] = {p: float(np.mean(v)) for p, v in lod0.items()}
                 print0(f"{label}{task} @ {L} tokens ({m}x W): "
-                       + ", ".join(f"{p} {a:.2f}" for p, a in acc[task][str(L)].items()) + f"  [{time.time() - t0:.0f}s]")
+                       + ", ".join(f"{p} {a:.2f}" for p, a in acc[task][str(L)].items()) + f"  [{time.time() - t0:.0f}s]"
+                       + "\n    needle at LOD0: " + ", ".join(f"{p} {a:.2f}" for p, a in at_lod0[label + task][str(L)].items()))
                 partial["accuracy_train_phrasing" if label else "accuracy"] = acc
                 atomic_write_json(os.path.join(out_dir, "mc_eval.partial.json"), partial)
         return acc, by_depth
@@ -216,7 +221,7 @@ def main():
 
     results = {"config": {**cfg.__dict__, "W": W, "full_max": full_max, "run_dir": run_dir,
                           "pos_scheme": model.config.pos_scheme, "device": str(device)},
-               "accuracy": acc, "accuracy_by_depth": by_depth, "accuracy_train_phrasing": acc_train_fmt, "dnll": dnll, "loss_vs_distance": lvd,
+               "accuracy": acc, "accuracy_by_depth": by_depth, "accuracy_train_phrasing": acc_train_fmt, "needle_at_lod0": at_lod0, "dnll": dnll, "loss_vs_distance": lvd,
                "eval_seconds": round(time.time() - t0, 1)}
     results["plots"] = plot(results, out_dir, W)
     atomic_write_json(os.path.join(out_dir, "mc_eval.json"), results)

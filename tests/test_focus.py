@@ -20,13 +20,13 @@ def children_present(wc, level, index):
 
 @settings(**SETTINGS)
 @given(st.sampled_from([(4, 40, 2), (4, 30, 3), (8, 64, 2), (3, 20, 2)]), st.integers(0, 10_000),
-       st.integers(1, 6), st.integers(0, 3), st.floats(0, 0.5), st.booleans())
-def test_refocus_keeps_invariants(params, seed, n_diff, hysteresis, thr, free):
+       st.integers(1, 6), st.integers(0, 3), st.floats(0, 0.5), st.booleans(), st.booleans())
+def test_refocus_keeps_invariants(params, seed, n_diff, hysteresis, thr, free, carry):
     K, W, L = params
     rng = np.random.default_rng(seed)
     N = int(rng.integers(0, W * K**L // 4))
     wcs = sample_working_contexts(N, K, W, L, 3, rng)
-    fa = FocusAllocator(n_diff=n_diff, hysteresis=hysteresis, threshold=thr, free_collapses=free)
+    fa = FocusAllocator(n_diff=n_diff, hysteresis=hysteresis, threshold=thr, free_collapses=free, carry_scores=carry)
     wc = wcs[int(rng.integers(3))]
     history = []   # (step, kind, level, index) of every edit the allocator made
     for step in range(8):
@@ -236,3 +236,52 @@ def test_a_perfect_scorer_reaches_any_needle_within_the_eval_rounds(mult):
         wc.validate()
         j = int(np.searchsorted(wc.starts, needle, side="right") - 1)
         assert wc.levels[j] == 0, (mult, depth, wc.level_counts())
+
+
+def _noisy_lens_focus(N, needle, seed, carry, rounds=8, K=32, W=512, L=2):
+    """mc_eval's focus loop with an imperfect LensNet: the needle's gists score +4, other gists
+    N(-1, 1), LOD0 tokens N(0, 1) (LensNet never trains on them). Returns the needle's level after
+    each round."""
+    rng = np.random.default_rng(seed)
+    wc = WorkingContext.recency(N, K, W, L)
+    fa = FocusAllocator(n_diff=4, hysteresis=2, free_collapses=False, carry_scores=carry)
+    trace = []
+    for _ in range(rounds):
+        hit = (wc.starts <= needle) & (wc.starts + wc.widths > needle)
+        s = np.where(wc.levels >= 1, rng.normal(-1, 1, len(wc)), rng.normal(0, 1, len(wc)))
+        s[hit & (wc.levels >= 1)] = 4.0
+        fa.refocus(wc, s)
+        wc.validate()
+        trace.append(int(wc.levels[(wc.starts <= needle) & (wc.starts + wc.widths > needle)][0]))
+    return trace
+
+
+@pytest.mark.parametrize("mult", [64, 256])
+def test_carried_scores_keep_a_found_needle_at_lod0(mult):
+    """Without carried scores the noise on LOD0 scores lets a later round collapse the needle's
+    tokens again to pay for a gist that scored above the noise (kept 16/15/9/5 of 20 at 4/16/64/256x
+    W); with them the tokens keep the score that expanded their parent, and stay (20/20 each)."""
+    N = mult * 512
+    needles = np.random.default_rng(100).integers(0, N - 2048, size=20)
+    kept = {c: sum(_noisy_lens_focus(N, int(n), i, c)[-1] == 0 for i, n in enumerate(needles)) for c in (False, True)}
+    assert kept[True] == 20 and kept[False] < 16, kept
+
+
+def test_carried_score_is_dropped_when_its_parent_collapses():
+    K, W, L = 4, 40, 2
+    wc = WorkingContext.recency(200, K, W, L)
+    fa = FocusAllocator(n_diff=2, hysteresis=0, free_collapses=False, carry_scores=True)
+    j = int(np.flatnonzero(wc.levels == 1)[0])
+    s = np.zeros(len(wc)); s[j] = 3.0
+    fa.refocus(wc, s)
+    assert list(fa._worth.values()) == [3.0]
+    key = next(iter(fa._worth))
+    # the same tokens are collapsed back once something scores above the carried 3.0
+    for _ in range(30):
+        s = np.full(len(wc), -1.0)
+        s[wc.levels >= 1] = 5.0
+        s[wc.levels == 0] = -5.0
+        fa.refocus(wc, s)
+        if key not in fa._worth:
+            break
+    assert key not in fa._worth, "a collapsed parent no longer carries its expansion score"

@@ -24,6 +24,11 @@ def test_speedrun_cpu_end_to_end(tmp_path):
     res = json.loads((tmp_path / "runs" / "cpu_mc" / "mc_eval" / "mc_eval.json").read_text())
     assert set(res["accuracy"]) == {"passkey", "multikey"} and "lod1" in res["dnll"]
     assert all({"lens", "oracle", "recency", "random", "window"} <= set(acc) for acc in res["accuracy"]["passkey"].values())
+    # the focus diagnostic, per MC policy (its meaning is tested in test_mctrain.py): shares in [0, 1]
+    lod0 = res["needle_at_lod0"]["passkey"]
+    assert set(lod0) == set(res["accuracy"]["passkey"]), lod0
+    assert all(set(v) == {"lens", "oracle", "recency", "random"} and all(0 <= x <= 1 for x in v.values())
+               for v in lod0.values()), lod0
     assert (tmp_path / "speedrun.log").exists()
     # the training curves of both runs, from history.json and from the saved stdout log
     r = subprocess.run([sys.executable, "-m", "scripts.plot_train", "--run", "cpu_mc"], cwd=REPO, env=env,
