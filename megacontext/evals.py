@@ -67,22 +67,36 @@ def needles_at_lod0(wc, targets):
     return all(not ((wc.starts < b) & (wc.starts + wc.widths > a) & (wc.levels > 0)).any() for a, b in targets)
 
 
-def focus(model, table, offs, N, W, policy, rounds=8, n_diff=4, rng=None, targets=None):
+def needle_rank(wc, scores, targets):
+    """Rank (1 = top) of the best-scored gist that holds a target needle, among all gists of wc;
+    None when no gist holds one (the needles are LOD0 already)."""
+    gist = wc.levels >= 1
+    hit = gist & np.logical_or.reduce([(wc.starts < b) & (wc.starts + wc.widths > a) for a, b in targets])
+    if not hit.any():
+        return None
+    return int((scores[gist] > scores[hit].max()).sum()) + 1
+
+
+def focus(model, table, offs, N, W, policy, rounds=8, n_diff=4, rng=None, targets=None, trace=None):
     """Build the working context for a policy ('lens' | 'recency' | 'random' | 'oracle'; the
-    oracle needs the target needles' token spans)."""
+    oracle needs the target needles' token spans). trace: a dict that gets, with targets, the
+    first round's needle_rank and the number of gists it ranked among (does the policy's
+    scorer find the needle before the allocator acts?)."""
     c = model.config
     wc = WorkingContext.recency(N, c.mc_block_size, W, c.mc_max_level)
     if policy == "recency":
         return wc, 0
     alloc = FocusAllocator(n_diff=n_diff, hysteresis=2, free_collapses=False, carry_scores=True)   # as MemorySession
     edits = 0
-    for _ in range(rounds):
+    for r in range(rounds):
         if policy == "lens":
             scores = lens_scores(model, table, offs, wc)
         elif policy == "oracle":
             scores = oracle_scores(wc, targets)
         else:
             scores = rng.standard_normal(len(wc))
+        if r == 0 and trace is not None and targets:
+            trace.update(needle_rank=needle_rank(wc, scores, targets), gists=int((wc.levels >= 1).sum()))
         t = alloc.refocus(wc, scores)
         edits += t["expanded"] + t["collapsed"]
         if t["expanded"] + t["collapsed"] == 0:
@@ -126,7 +140,8 @@ def eval_example(model, ids, N, cont, W, policies, rounds=8, rng=None, full_max=
     if mc_pol:
         table, offs = build_levels(model, hist)
         for p in mc_pol:
-            wc, edits = focus(model, table, offs, N, W, p, rounds, rng=rng, targets=targets)
+            trace = {}
+            wc, edits = focus(model, table, offs, N, W, p, rounds, rng=rng, targets=targets, trace=trace)
             emb = entry_inputs(model, table, offs, wc)
             pos, sig = _positions(model.config.pos_scheme, wc, len(cont), dev, N)
             nll, ok = score_continuation(model, emb, pos, sig, cont)
@@ -134,6 +149,7 @@ def eval_example(model, ids, N, cont, W, policies, rounds=8, rng=None, full_max=
                       "lod_counts": wc.level_counts().tolist()}
             if targets:   # did focus bring every answer needle to LOD0? (a miss: focus's, else the reader's)
                 out[p]["needle_at_lod0"] = needles_at_lod0(wc, targets)
+                out[p].update(trace)
     for p, span in (("window", W), ("full", full_max)):
         if p not in policies or (p == "full" and (full_max is None or N > full_max)):
             continue

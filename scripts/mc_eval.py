@@ -145,15 +145,16 @@ def main():
 
     partial = {}
     at_lod0 = {}   # "[label]task" -> L -> policy -> share of examples whose answer needles ended at LOD0
+    first = {}     # "[label]task" -> L -> policy -> round-1 rank of the needle's gist among all gists: top1 share, median
 
     def task_accuracy(fmt, label):
         """Accuracy by (task, history length, policy) and by needle depth, for one phrasing."""
         acc, by_depth = {}, {}
         for task in task_names:
-            acc[task], by_depth[task], at_lod0[label + task] = {}, {}, {}
+            acc[task], by_depth[task], at_lod0[label + task], first[label + task] = {}, {}, {}, {}
             for m in mults:
                 L = m * W
-                hits, lod0 = {p: [] for p in policies}, {}
+                hits, lod0, ranks = {p: [] for p in policies}, {}, {}
                 depth_hits = {}
                 for i in range(cfg.n):
                     cell = mults.index(m) * len(task_names) + task_names.index(task)   # one seed range per (task, L)
@@ -170,13 +171,19 @@ def main():
                         hits[p].append(v["correct"])
                         if "needle_at_lod0" in v:
                             lod0.setdefault(p, []).append(v["needle_at_lod0"])
+                        if v.get("needle_rank") is not None:
+                            ranks.setdefault(p, []).append(v["needle_rank"])
                         depth_hits.setdefault(p, {}).setdefault(round(depth, 2), []).append(v["correct"])
                 acc[task][str(L)] = {p: float(np.mean(h)) for p, h in hits.items() if h}
                 by_depth[task][str(L)] = {p: {d: float(np.mean(v)) for d, v in dd.items()} for p, dd in depth_hits.items()}
                 at_lod0[label + task][str(L)] = {p: float(np.mean(v)) for p, v in lod0.items()}
+                first[label + task][str(L)] = {p: {"top1": float(np.mean(np.array(v) == 1)), "median_rank": float(np.median(v))}
+                                               for p, v in ranks.items()}
                 print0(f"{label}{task} @ {L} tokens ({m}x W): "
                        + ", ".join(f"{p} {a:.2f}" for p, a in acc[task][str(L)].items()) + f"  [{time.time() - t0:.0f}s]"
-                       + "\n    needle at LOD0: " + ", ".join(f"{p} {a:.2f}" for p, a in at_lod0[label + task][str(L)].items()))
+                       + "\n    needle at LOD0 after focus: " + ", ".join(f"{p} {a:.2f}" for p, a in at_lod0[label + task][str(L)].items())
+                       + "\n    needle's gist ranked first in round 1: "
+                       + ", ".join(f"{p} {r['top1']:.2f} (median rank {r['median_rank']:g})" for p, r in first[label + task][str(L)].items()))
                 partial["accuracy_train_phrasing" if label else "accuracy"] = acc
                 atomic_write_json(os.path.join(out_dir, "mc_eval.partial.json"), partial)
         return acc, by_depth
@@ -221,7 +228,7 @@ def main():
 
     results = {"config": {**cfg.__dict__, "W": W, "full_max": full_max, "run_dir": run_dir,
                           "pos_scheme": model.config.pos_scheme, "device": str(device)},
-               "accuracy": acc, "accuracy_by_depth": by_depth, "accuracy_train_phrasing": acc_train_fmt, "needle_at_lod0": at_lod0, "dnll": dnll, "loss_vs_distance": lvd,
+               "accuracy": acc, "accuracy_by_depth": by_depth, "accuracy_train_phrasing": acc_train_fmt, "needle_at_lod0": at_lod0, "needle_rank_round1": first, "dnll": dnll, "loss_vs_distance": lvd,
                "eval_seconds": round(time.time() - t0, 1)}
     results["plots"] = plot(results, out_dir, W)
     atomic_write_json(os.path.join(out_dir, "mc_eval.json"), results)

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 
 from megacontext.focus import FocusAllocator, pack_working_contexts, sample_working_contexts
 from megacontext.working_context import WorkingContext
-from megacontext.evals import oracle_scores
+from megacontext.evals import oracle_scores, needle_rank
 
 SETTINGS = dict(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -285,3 +285,18 @@ def test_carried_score_is_dropped_when_its_parent_collapses():
         if key not in fa._worth:
             break
     assert key not in fa._worth, "a collapsed parent no longer carries its expansion score"
+
+
+def test_needle_rank_counts_gists_scored_above_the_needles_best_gist():
+    wc = WorkingContext.recency(4096, 32, 256, 2)
+    needle = 100
+    g = np.flatnonzero(wc.levels >= 1)
+    j = int(np.flatnonzero((wc.starts <= needle) & (wc.starts + wc.widths > needle))[0])
+    scores = np.zeros(len(wc))
+    scores[g[:5]] = 3.0                      # five other gists above it (if j is among them, fewer)
+    scores[j] = 2.0
+    assert needle_rank(wc, scores, [(needle, needle + 1)]) == 1 + int((g[:5] != j).sum())
+    scores[j] = 9.0
+    assert needle_rank(wc, scores, [(needle, needle + 1)]) == 1
+    tail = int(wc.starts[-1])                # a needle already at LOD0 has no rank
+    assert needle_rank(wc, scores, [(tail, tail + 1)]) is None

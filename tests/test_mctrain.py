@@ -419,7 +419,8 @@ def test_oracle_policy_brings_the_answer_needle_to_full_detail():
     assert set(r) == {"recency"}
     r = eval_example(model, ids, N, ids[N:N + 4], W, ["oracle", "recency"], rng=np.random.default_rng(0), targets=[span])
     assert set(r) == {"oracle", "recency"}
-    assert r["oracle"]["needle_at_lod0"] and not r["recency"]["needle_at_lod0"]   # mc_eval's focus diagnostic
+    assert r["oracle"]["needle_at_lod0"] and not r["recency"]["needle_at_lod0"]   # mc_eval's focus diagnostics
+    assert r["oracle"]["needle_rank"] == 1 and r["oracle"]["gists"] > 1 and "needle_rank" not in r["recency"]
 
 
 def test_answer_weight_scales_whole_task_rows_in_the_horizon_loss():
