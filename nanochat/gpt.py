@@ -128,10 +128,17 @@ def rotary_cos_sin(pos, head_dim, base, sigma=None, dtype=torch.bfloat16):  # re
     return cos[:, :, None, :].to(dtype), sin[:, :, None, :].to(dtype)
 
 
+def rotary_tables(cos, sin):
+    """Half-width (cos, sin) from rotary_cos_sin -> the full-width tables apply_rotary takes:
+    cos|cos and sin|-sin along the head dim. Built once per forward, not once per layer."""
+    return torch.cat([cos, cos], dim=-1), torch.cat([sin, -sin], dim=-1)
+
+
 def apply_rotary(x, cos, sin):
-    d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], dim=-1)
+    """x (..., D) with halves x1, x2 -> [x1 cos + x2 sin, x2 cos - x1 sin], written as
+    x * cos + roll(x, D/2) * sin with rotary_tables: the same products and sums (bit-identical),
+    in 4 kernels per tensor instead of 8 when it runs eagerly (a decode step: 20 layers x q, k)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 # -----------------------------------------------------------------------------
@@ -179,13 +186,18 @@ def decode_attention(q, k, v, attn_mask=None):
     kernels tile over queries: with a single query they run one thread block per head that walks
     all Tk keys alone (measured on an H100, d20, 4k keys: 0.25 ms per layer, 5 ms per token).
     A GEMV spreads the keys over the whole GPU, and reads K and V straight from the cache's
-    (B, Tk, Hkv, D) layout (no copy at B = 1). attn_mask: bool (B or 1, 1, 1, Tk), True = attend."""
+    (B, Tk, Hkv, D) layout (no copy at B = 1). attn_mask (B or 1, 1, 1, Tk): bool, True = attend,
+    or a float additive bias (0 / -inf; static decode): one add that also makes the scores fp32."""
     B, _, H, D = q.shape
     Hkv = k.size(2)
     qg = (q * D ** -0.5).view(B, Hkv, H // Hkv, D)  # query heads grouped by the kv head they share
-    s = torch.matmul(qg, k.permute(0, 2, 3, 1)).float()                # (B, Hkv, G, Tk)
-    if attn_mask is not None:
-        s = s.masked_fill(~attn_mask.reshape(attn_mask.size(0), 1, 1, k.size(1)), float("-inf"))
+    s = torch.matmul(qg, k.permute(0, 2, 3, 1))                        # (B, Hkv, G, Tk)
+    if attn_mask is None:
+        s = s.float()
+    elif attn_mask.dtype == torch.bool:
+        s = s.float().masked_fill(~attn_mask.reshape(attn_mask.size(0), 1, 1, k.size(1)), float("-inf"))
+    else:
+        s = s + attn_mask.reshape(attn_mask.size(0), 1, 1, k.size(1)).float()
     y = torch.matmul(torch.softmax(s, dim=-1).to(v.dtype), v.transpose(1, 2))  # (B, Hkv, G, D)
     return y.reshape(B, 1, H, D)
 
@@ -410,7 +422,7 @@ class GistNet(nn.Module):
         q = (self.query + self.level_emb.weight[level]).to(h.dtype).expand(n, 1, -1)
         x = torch.cat([h, q], dim=1)  # query slot last: position K, sees the whole block
         pos = torch.arange(K + 1, device=x.device)[None]
-        cos_sin = rotary_cos_sin(pos, self.head_dim, self.rope_base, dtype=x.dtype)
+        cos_sin = rotary_tables(*rotary_cos_sin(pos, self.head_dim, self.rope_base, dtype=x.dtype))
         for block in self.blocks:
             x = block(x, cos_sin, causal=False)
         # mean-pool prior + learned residual (proj_out starts at zero)
@@ -638,7 +650,10 @@ class GPT(nn.Module):
             if T != 1 or attn_mask is not None:
                 raise ValueError("a static-mode KV cache takes one entry per forward and no attn_mask")
             slot = kv_cache.slot
-            attn_mask = (torch.arange(kv_cache.max_len, device=x.device) <= slot)[None, None, None]
+            # an additive fp32 bias (0 / -inf), built once here: decode_attention adds it to the
+            # scores in one kernel per layer (a bool mask costs a negation and a masked_fill)
+            hide = torch.arange(kv_cache.max_len, device=x.device) > slot
+            attn_mask = torch.zeros(hide.shape, device=x.device).masked_fill(hide, float("-inf"))[None, None, None]
             pos = slot[None] if pos is None else pos
         if pos is None:
             t0 = kv_cache.pos if kv_cache is not None else 0
@@ -646,7 +661,7 @@ class GPT(nn.Module):
         if w:
             x, pos, sigma, attn_mask = self.mega_inputs(x, pos, sigma, w)
         dtype = torch.bfloat16 if x.is_cuda else torch.float32
-        cos_sin = rotary_cos_sin(pos, self.head_dim, self.config.rope_base, sigma, dtype=dtype)
+        cos_sin = rotary_tables(*rotary_cos_sin(pos, self.head_dim, self.config.rope_base, sigma, dtype=dtype))
         x = norm(x)
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache, causal=True, attn_mask=attn_mask)

@@ -10,7 +10,7 @@ import torch
 
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig, KVCache, attention, decode_attention, _avoid_cudnn, GistNet, LensNet, rotary_cos_sin, lens_features, LENS_FEATURES
+from nanochat.gpt import GPT, GPTConfig, KVCache, attention, decode_attention, _avoid_cudnn, apply_rotary, rotary_tables, GistNet, LensNet, rotary_cos_sin, lens_features, LENS_FEATURES
 from nanochat.engine import Engine
 
 V = 128  # vocab of the tiny models
@@ -187,6 +187,27 @@ def test_decode_attention_equals_sdpa(n_kv_head, batch):
     mask = (torch.arange(L) < Tk)[None, None, None]   # the masked tail must not count, whatever it holds
     torch.testing.assert_close(decode_attention(q, cache_k, cache_v, mask), ref, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(decode_attention(q, cache_k, cache_v), ref, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_roll_form_is_bit_identical_to_the_half_split_form(dtype):
+    x = torch.randn(2, 5, 3, 16, dtype=dtype)
+    cos, sin = rotary_cos_sin(torch.arange(5)[None] * 37, 16, 10000.0, dtype=dtype)
+    x1, x2 = x[..., :8], x[..., 8:]
+    ref = torch.cat([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], dim=-1)
+    assert torch.equal(apply_rotary(x, *rotary_tables(cos, sin)), ref)
+
+
+def test_decode_attention_float_bias_equals_bool_mask():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 1, 4, 16), torch.randn(2, 9, 2, 16), torch.randn(2, 9, 2, 16)
+    keep = torch.arange(9) <= 5
+    bias = torch.zeros(9).masked_fill(~keep, float("-inf"))
+    a = decode_attention(q, k, v, keep[None, None, None])
+    assert torch.equal(decode_attention(q, k, v, bias[None, None, None]), a)
+    assert torch.equal(decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias[None, None, None]),
+                       decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), keep[None, None, None]))
+    assert not torch.allclose(decode_attention(q, k, v), a, atol=1e-3)
 
 
 def test_cudnn_attention_only_for_training_shapes():
