@@ -60,7 +60,7 @@ def build_table(model, ids):
     return table.reshape(B * table.size(1), -1), table.size(1)
 
 
-def make_plan(N, T, K, W, H, max_level, n_random, rng, needle_pos=None, tail=None, n_probe=4):
+def make_plan(N, T, K, W, H, max_level, n_random, rng, needle_pos=None, tail=None, n_probe=4, collapse=False):
     """CPU side of one step. N: (B,) cut points. Returns numpy arrays:
     rows_*: (B*(1+n_random), W) sampled windows (recency first per sample); base_*: (B, Wb)
     probe bases, Wb = W - max_level*(K-1); oracle: (B,) entry index in the base covering the
@@ -69,9 +69,15 @@ def make_plan(N, T, K, W, H, max_level, n_random, rng, needle_pos=None, tail=Non
     -1 where none). A probe expands one entry, so the oracle of a LOD2 gist alone would only reveal
     LOD1 gists, which cannot carry a 5-digit answer: LensNet would learn that expanding it is
     useless, and never descend from LOD2. With the path, the oracle row holds the needle at LOD0,
-    and the bases leave room for up to max_level expansions."""
+    and the bases leave room for up to max_level expansions.
+    collapse: also one collapse probe per sample (DESIGN §6: counterfactuals expand *and*
+    collapse): collapse_at (B,) the base position of a K-token LOD0 group (-1 if the base has
+    none) and collapse_* (B, W) the base with that group collapsed into its LOD1 gist. For a
+    quarter of the task rows the base holds the needle at LOD0 and the group is the needle's, so
+    that LensNet also learns which detail must stay."""
     B, Wb = len(N), W - max_level * (K - 1)
     rows, bases, oracle = [], [], np.full(B, -1, np.int64)
+    cols, col_at = [], np.full(B, -1, np.int64)
     path = np.full((B, max(max_level - 1, 0)), -1, np.int64)
     for b in range(B):
         has_needle = needle_pos is not None and needle_pos[b] >= 0
@@ -85,11 +91,27 @@ def make_plan(N, T, K, W, H, max_level, n_random, rng, needle_pos=None, tail=Non
             base = WorkingContext.recency(int(N[b]), K, Wb, max_level, tail)
         else:
             base = sample_working_contexts(int(N[b]), K, Wb, max_level, 2, rng, tail)[1]
-        if has_needle and rng.random() < 0.5:
+        keep_needle = collapse and has_needle and rng.random() < 0.25
+        if keep_needle:
+            try:   # on a copy: a base too full to hold the needle at LOD0 stays as it was
+                base = focus_on(base.copy(), int(needle_pos[b]), 0)
+            except ValueError:
+                keep_needle = False
+        if not keep_needle and has_needle and rng.random() < 0.5:
             # half the task bases hold the needle in a LOD1 gist: expanding that gist (the oracle
             # probe) reveals it, which teaches LensNet to find needles one level up
             focus_on(base, int(needle_pos[b]), 1)
         bases.append(base)
+        if collapse:
+            g = base.collapse_groups()
+            g = g[base.levels[g] == 0]
+            if keep_needle:
+                g = g[(base.starts[g] <= needle_pos[b]) & (base.starts[g] + K > needle_pos[b])]
+            col = base.copy()
+            if len(g):
+                col_at[b] = int(g[rng.integers(len(g))])
+                col.apply(collapse=[col_at[b]])
+            cols.append(col)
         if has_needle:
             j = np.searchsorted(base.starts, needle_pos[b], side="right") - 1
             if base.levels[j] >= 1:
@@ -101,7 +123,12 @@ def make_plan(N, T, K, W, H, max_level, n_random, rng, needle_pos=None, tail=Non
                     path[b, k] = pos
     r = pack_working_contexts(rows, W)
     bw = pack_working_contexts(bases, Wb)
-    return {"row_levels": r["levels"], "row_indices": r["indices"], "row_lengths": r["lengths"],
+    extra = {}
+    if collapse:
+        cw = pack_working_contexts(cols, W)
+        extra = {"collapse_at": col_at, "collapse_levels": cw["levels"], "collapse_indices": cw["indices"],
+                 "collapse_lengths": cw["lengths"]}
+    return {**extra, "row_levels": r["levels"], "row_indices": r["indices"], "row_lengths": r["lengths"],
             "base_levels": bw["levels"], "base_indices": bw["indices"], "base_lengths": bw["lengths"],
             "oracle": oracle, "oracle_path": path,
             # uniform noise for picking random probes (Gumbel-max), drawn here so that the device
@@ -269,12 +296,13 @@ class MCStep(nn.Module):
             return lv, ix
         rl, ri = plan["row_levels"], plan["row_indices"]
         bl2, bi2 = pad_to(bl, bi, Wr)
-        levels = torch.cat([rl, bl2, pl], 0)
-        indices = torch.cat([ri, bi2, pi], 0)
-        lengths = torch.cat([plan["row_lengths"], blen, plen], 0)
+        col = "collapse_at" in plan     # collapse probes (make_plan(collapse=True)): B more rows
+        levels = torch.cat([rl, bl2, pl] + ([plan["collapse_levels"]] if col else []), 0)
+        indices = torch.cat([ri, bi2, pi] + ([plan["collapse_indices"]] if col else []), 0)
+        lengths = torch.cat([plan["row_lengths"], blen, plen] + ([plan["collapse_lengths"]] if col else []), 0)
         nr = rl.size(0) // B
         sample = torch.cat([torch.arange(B, device=dev).repeat_interleave(nr), torch.arange(B, device=dev),
-                            torch.arange(B, device=dev).repeat_interleave(P)])
+                            torch.arange(B, device=dev).repeat_interleave(P)] + ([torch.arange(B, device=dev)] if col else []))
         src, lvl, pos, sigma, targets, tw = rows_to_inputs(levels, indices, lengths, sample, N, ids, H, K, offs,
                                                            T_tab, self.scheme, weights)
         x = m.add_level_embedding(table[src], lvl)
@@ -283,7 +311,8 @@ class MCStep(nn.Module):
         # a sample whose probe base holds no gist (a short context) has no legal probe: its
         # probe rows are not real windows and stay out of both losses
         has_legal = legal.any(1)                                                # (B,)
-        row_ok = torch.cat([torch.ones(B * nr + B, device=dev), has_legal.float().repeat_interleave(P)])
+        row_ok = torch.cat([torch.ones(B * nr + B, device=dev), has_legal.float().repeat_interleave(P)]
+                           + ([(plan["collapse_at"] >= 0).float()] if col else []))
         # rows count by their largest target weight: row_nll normalises weights within a row, so
         # without this a task row (its horizon is the answer alone) would ignore mc_answer_weight
         row_ok = row_ok * tw.amax(1).clamp(min=1e-6)
@@ -294,7 +323,7 @@ class MCStep(nn.Module):
         # 4) LensNet target: regularised argmin over {no edit, probes}
         with torch.no_grad():
             l_base = nll[B * nr: B * nr + B]
-            l_probe = nll[B * nr + B:].view(B, P)
+            l_probe = nll[B * nr + B: B * nr + B + B * P].view(B, P)
             cost = torch.cat([l_base[:, None], l_probe + self.lam], 1)
             target = cost.argmin(1)
             dnll = l_probe - l_base[:, None]                                    # < 0: expanding helps
@@ -307,7 +336,27 @@ class MCStep(nn.Module):
         lens_logits = torch.cat([torch.zeros(B, 1, device=dev), scores.gather(1, probes)], 1)
         lens_ce = F.cross_entropy(lens_logits, target, reduction="none")
         lens_loss = (lens_ce * has_legal).sum() / has_legal.sum().clamp(min=1)
+        if col:
+            lens_loss = lens_loss + self.collapse_loss(scores, nll[B * nr: B * nr + B], nll[-B:], plan["collapse_at"], metrics)
         metrics["loss_lens"] = lens_loss.detach()
 
         total = self.plain_weight * plain + self.mc_weight * mc_loss + self.lens_weight * lens_loss
         return total, metrics
+
+    def collapse_loss(self, scores, l_base, l_col, at, metrics):
+        """Collapse counterfactuals: the mean LensNet score of a LOD0 group says whether its detail
+        must stay (> 0) or may go to pay for an expansion (< 0), as the allocator reads it.
+        Target: keep when collapsing the group into its gist raises the horizon NLL by more than
+        lam. Binary cross-entropy on the group's mean score; samples without a group are out."""
+        K = self.K
+        ok = at >= 0
+        grp = at.clamp(min=0)[:, None] + torch.arange(K, device=at.device)[None]   # (B, K) base positions
+        g = scores.gather(1, grp.clamp(max=scores.size(1) - 1)).mean(1)
+        with torch.no_grad():
+            d = l_col - l_base                                                 # > 0: the detail mattered
+            keep = (d > self.lam).float()
+            n = ok.float().sum().clamp(min=1)
+            metrics["dnll_collapse_lod0"] = (d * ok).sum() / n
+            metrics["collapse_keep_rate"] = (keep * ok).sum() / n
+        bce = F.binary_cross_entropy_with_logits(g, keep, reduction="none")
+        return (bce * ok).sum() / ok.float().sum().clamp(min=1)

@@ -68,7 +68,7 @@ class MCBatcher:
                 needle[b] = ex["target_pos"][0]
                 weights[b, ex["answer_start"]:] = cfg.mc_answer_weight
         plan = make_plan(N, T, cfg.mc_block_size, cfg.mc_W, cfg.mc_H, cfg.mc_max_level, cfg.mc_random_wcs, rng, needle,
-                         n_probe=cfg.mc_probes)
+                         n_probe=cfg.mc_probes, collapse=cfg.mc_collapse_probes)
         dev = self.device
         plan = {k: torch.from_numpy(v).to(dev, non_blocking=True) for k, v in plan.items()}
         return (torch.from_numpy(ids).to(dev), torch.from_numpy(N).to(dev), plan,
@@ -125,6 +125,7 @@ class TrainConfig:
     mc_pos_scheme: str = "entry"      # entry | gaussian
     mc_random_wcs: int = 2            # random LOD mixtures per context (besides pure recency)
     mc_probes: int = 4                # counterfactual expansions per context for LensNet
+    mc_collapse_probes: bool = False  # + one collapse counterfactual per context (LensNet learns which LOD0 detail stays)
     mc_compile: str = "pieces"        # pieces | step: what torch.compile wraps on CUDA (megacontext/mctrain.py: compile_mc)
     mc_lambda: float = 0.01           # edit cost (nats) in LensNet's regularised argmin
     mc_weight: float = 0.1            # weight of the working-context horizon loss: its H tokens per row

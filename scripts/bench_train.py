@@ -48,6 +48,7 @@ def main():
     ap.add_argument("--mc-max-level", type=int, default=2)
     ap.add_argument("--mc-random-wcs", type=int, default=2)
     ap.add_argument("--mc-probes", type=int, default=4)
+    ap.add_argument("--mc-collapse-probes", action="store_true", help="+ one collapse counterfactual row per context")
     ap.add_argument("--mc-compile", default="pieces", choices=COMPILE_MODES,
                     help="torch.compile the model/GistNet/LensNet forwards, or the whole MC step")
     args = ap.parse_args()
@@ -140,12 +141,12 @@ def bench_mc_step(args, raw, step, timed, device, rank, ddp, local_rank, world):
     def make_inputs(i):
         ids = torch.from_numpy(rng.integers(0, args.vocab, (B, T))).to(device)
         plan = make_plan(N, T, args.mc_block_size, args.mc_W, args.mc_H, args.mc_max_level, args.mc_random_wcs, rng,
-                         n_probe=args.mc_probes)
+                         n_probe=args.mc_probes, collapse=args.mc_collapse_probes)
         plan = {k: torch.from_numpy(v).to(device) for k, v in plan.items()}
         return ids, torch.from_numpy(N).to(device), plan
 
     dt, mem = timed(fwd, make_inputs)
-    rows = B * (1 + args.mc_random_wcs + 1 + args.mc_probes)
+    rows = B * (1 + args.mc_random_wcs + 1 + args.mc_probes + int(args.mc_collapse_probes))
     return {"contexts": B, "context_len": T, "W": args.mc_W, "H": args.mc_H, "compile": args.mc_compile, "rows_per_step": rows,
             "row_tokens_per_step": rows * (args.mc_W + args.mc_H - 1), "step_ms": round(dt * 1000, 2),
             "tok_per_s": round(B * T * world / dt), "peak_mem_gb": mem}

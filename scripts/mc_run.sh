@@ -6,6 +6,7 @@
 #   bash scripts/mc_run.sh                    # one H100: under 10 minutes (config mc_h100)
 #   NPROC=4 bash scripts/mc_run.sh            # MC training under torchrun on 4 GPUs, same global batch
 #   CONFIG=mc_cpu bash scripts/mc_run.sh      # a tiny CPU version
+#   TRAIN_ARGS="--mc-collapse-probes true" bash scripts/mc_run.sh   # extra base_train flags
 #
 # Outputs: $NANOCHAT_BASE_DIR/runs/<run>/ (checkpoint, summary.json, mc_eval/); with RESULTS_DIR
 # set, the small JSON results and logs are copied there too.
@@ -16,6 +17,7 @@ CONFIG="${CONFIG:-mc_h100}"
 BUDGET="${BUDGET:-}"                      # minutes of MC training (default: the config's time_budget_min)
 BENCH="${BENCH:-0}"                       # 1: also the MC-vs-plain throughput bench (~2 min; scripts/gpu_bench.sh has it)
 NPROC="${NPROC:-1}"                       # >1: train on NPROC GPUs (torchrun); each takes 1/NPROC of the contexts
+read -r -a TRAIN_ARGS <<< "${TRAIN_ARGS:-}"  # extra base_train flags, e.g. TRAIN_ARGS="--mc-collapse-probes true"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}" PYTHONUNBUFFERED=1
 RESULTS_DIR="${RESULTS_DIR:-}"
 LOG="${RESULTS_DIR:-$(mktemp -d)}"   # logs stream straight into RESULTS_DIR when given
@@ -46,6 +48,6 @@ if [ "$CONFIG" = "mc_h100" ] && [ "$BENCH" = 1 ]; then  # the same shapes as the
     --megacontext --mc-context-len 16384 --mc-W 512 --mc-H 64 2>&1 | tee "$LOG/bench_train_mc.json"
 fi
 "$PY" -m scripts.tok_train --config "$CONFIG" 2>&1 | tee "$LOG/tok_train.log"
-"${LAUNCH[@]}" -m scripts.base_train --config "$CONFIG" "${SPLIT[@]}" ${BUDGET:+--time-budget-min "$BUDGET"} 2>&1 | tee "$LOG/base_train.log"
+"${LAUNCH[@]}" -m scripts.base_train --config "$CONFIG" "${SPLIT[@]}" ${BUDGET:+--time-budget-min "$BUDGET"} "${TRAIN_ARGS[@]}" 2>&1 | tee "$LOG/base_train.log"
 "$PY" -m scripts.mc_eval --config "$CONFIG" 2>&1 | tee "$LOG/mc_eval.log"
 echo "mc_run: done in $(( $(date +%s) - t0 ))s"

@@ -82,15 +82,15 @@ def stream(rng, B, n):
     return out
 
 
-def plan_tensors(N, rng, n_random=2, needle=None, t=T, w=W, h=H, k=K, lv=L):
-    p = make_plan(np.asarray(N), t, k, w, h, lv, n_random, rng, needle)
+def plan_tensors(N, rng, n_random=2, needle=None, t=T, w=W, h=H, k=K, lv=L, collapse=False):
+    p = make_plan(np.asarray(N), t, k, w, h, lv, n_random, rng, needle, collapse=collapse)
     return {name: torch.from_numpy(v) for name, v in p.items()}
 
 
-def mc_inputs(ids, N, seed=0, needle=None):
+def mc_inputs(ids, N, seed=0, needle=None, collapse=False):
     """What MCBatcher hands MCStep: ids, N, plan, weights, plain_ids."""
     N = np.asarray(N, np.int64)
-    plan = plan_tensors(N, np.random.default_rng(seed), needle=needle)
+    plan = plan_tensors(N, np.random.default_rng(seed), needle=needle, collapse=collapse)
     return torch.as_tensor(ids), torch.from_numpy(N), plan, None, None
 
 
@@ -596,12 +596,13 @@ def test_lensnet_choice_is_among_the_trained_rows(monkeypatch):
 # ----------------------------------------------------------------------------- batched, no host syncs
 
 
-def test_mc_step_has_no_host_sync_and_one_gistnet_call_per_level(monkeypatch):
+@pytest.mark.parametrize("collapse", [False, True])
+def test_mc_step_has_no_host_sync_and_one_gistnet_call_per_level(monkeypatch, collapse):
     model = mc_model(perturbed=True)
     step = MCStep(model, W, H)
     B = 3
     ids = torch.from_numpy(stream(np.random.default_rng(0), B, T))
-    inputs = mc_inputs(ids, [T - H, 200, T - 3], seed=0, needle=np.array([-1, 30, 5]))
+    inputs = mc_inputs(ids, [T - H, 200, T - 3], seed=0, needle=np.array([-1, 30, 5]), collapse=collapse)
     calls = []
     model.gistnet.register_forward_hook(lambda mod, args, out: calls.append((args[0].shape[0], args[1])))
 
@@ -614,6 +615,21 @@ def test_mc_step_has_no_host_sync_and_one_gistnet_call_per_level(monkeypatch):
     assert calls == [(B * T // K ** l, l) for l in range(1, L + 1)], "one batched GistNet call per level"
     loss.backward()                                    # and the graph is whole
     assert math.isfinite(loss.item()) and all(math.isfinite(v.item()) for v in metrics.values())
+    assert ("dnll_collapse_lod0" in metrics) == collapse
+
+
+def test_collapse_loss_pushes_a_needed_group_up_and_a_spare_one_down():
+    step = MCStep(mc_model(), W, H)
+    scores = torch.zeros(3, 12, requires_grad=True)
+    at = torch.tensor([2, 6, -1])                      # sample 2 has no collapse probe
+    l_base = torch.tensor([1.0, 1.0, 1.0])
+    l_col = torch.tensor([1.5, 1.0, 9.0])              # collapsing hurt sample 0 only
+    metrics = {}
+    step.collapse_loss(scores, l_base, l_col, at, metrics).backward()
+    g = scores.grad
+    assert (g[0, 2:2 + K] < 0).all() and (g[1, 6:6 + K] > 0).all(), "keep: up; spare: down"
+    assert g[0, :2].eq(0).all() and g[0, 2 + K:].eq(0).all() and g[2].eq(0).all(), "only the probed groups"
+    assert float(metrics["collapse_keep_rate"]) == 0.5 and abs(float(metrics["dnll_collapse_lod0"]) - 0.25) < 1e-6
 
 # ----------------------------------------------------------------------------- torchrun, 2 ranks
 
