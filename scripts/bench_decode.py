@@ -5,6 +5,7 @@ full-attention KV decode of the same model over the whole history. Prints one JS
     python -m scripts.bench_decode --depth 2 --histories 4096,32768 --steps 32 --device cpu
     python -m scripts.bench_decode --depth 12 --W 4096 --histories 4096,32768,131072,1048576
     python -m scripts.bench_decode --depth 20 --decode dynamic --dtype fp32   # the eager, autocast baseline
+    python -m scripts.bench_decode --depth 20 --count-ops    # ops (and CUDA kernels) of one decode step
 
 Random init is fine for speed, but LensNet's head and the zero-init output projections are
 perturbed so that refocus really edits the window (and the cache really gets cut), as a trained
@@ -36,7 +37,7 @@ import torch
 
 from nanochat.common import main_guard, fail, autocast_ctx, synchronize, autodetect_device_type
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.engine import Engine, MemorySession, DECODE_MODES, sample_next
+from nanochat.engine import Engine, MemorySession, DecodeStep, DECODE_MODES, sample_next
 
 
 def mem_mb(device):
@@ -175,6 +176,46 @@ def top_ops(prof, device, n=15):
     return {"by_device": top(key), "by_cpu": top("self_cpu_time_total"), "phases": phases}
 
 
+_VIEWS = {"aten::view", "aten::reshape", "aten::as_strided", "aten::slice", "aten::select", "aten::expand",
+          "aten::permute", "aten::transpose", "aten::unsqueeze", "aten::squeeze", "aten::_unsafe_view", "aten::t",
+          "aten::detach", "aten::alias", "aten::_reshape_alias", "aten::empty", "aten::empty_strided",
+          "aten::resolve_conj", "aten::resolve_neg", "aten::lift_fresh", "aten::result_type", "aten::contiguous"}
+
+
+def count_step_ops(args, device):
+    """--count-ops: what one static decode step of the bench's model dispatches, run eagerly (no
+    CUDA graph) on a short cache: top-level aten ops that are not views, and on CUDA the kernels
+    launched. In a launch-bound step each kernel costs microseconds whatever its size, so these
+    counts track the step's floor."""
+    model = build(args, device)
+    engine = Engine(model, autocast=autocast_ctx(device.type), decode="static")
+    cache = engine.new_cache(1, 64)
+    engine.prefill(torch.zeros(1, 8, dtype=torch.long, device=device), cache)
+    step = DecodeStep(model, cache, engine.autocast, graph=False)
+    x = torch.zeros(1, 1, dtype=torch.long, device=device)
+    step(x, cache.pos)                                  # warm: lazy init, buffers
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        step(x, cache.pos)
+        synchronize(device.type)
+
+    def top(e):
+        p = e.cpu_parent
+        while p is not None:
+            if p.name.startswith("aten::") and p.name not in _VIEWS:
+                return False
+            p = p.cpu_parent
+        return True
+    events = prof.events()
+    ops = [e.name for e in events if e.name.startswith("aten::") and e.name not in _VIEWS and top(e)]
+    out = {"bench": "decode_step_ops", "n_layer": args.depth, "ops_per_step": len(ops),
+           "ops_per_layer": round(len(ops) / args.depth, 1)}
+    if device.type == "cuda":
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        out.update(kernels_per_step=len(kernels), kernels_per_layer=round(len(kernels) / args.depth, 1))
+    return out
+
+
 def run_child(argv, h, mode):
     """Each measurement runs in a fresh process, so that no allocation of one (a 128k-token KV
     cache, a 1M-token ingest) can starve the next, and peak memory is the measurement's own."""
@@ -207,6 +248,7 @@ def main():
                     help="model weights (default bf16 on CUDA, fp32 elsewhere)")
     ap.add_argument("--dir", default=None, help="where the MC tree goes (default: a temp dir, removed)")
     ap.add_argument("--profile", action="store_true", help="add each run's top ops (torch.profiler) to its result")
+    ap.add_argument("--count-ops", action="store_true", help="only count the ops (and CUDA kernels) of one decode step")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)  # "history,mode": one measurement
     args = ap.parse_args()
     try:
@@ -217,6 +259,9 @@ def main():
         fail("--steps and every history must be >= 1, --warmup >= 0")
     if args.dtype is None:
         args.dtype = "bf16" if torch.device(args.device or autodetect_device_type()).type == "cuda" else "fp32"
+    if args.count_ops:
+        print(json.dumps(count_step_ops(args, torch.device(args.device or autodetect_device_type()))))
+        return
     if args.child:
         h, mode = args.child.split(",")
         print(json.dumps(measure(args, int(h), mode)))

@@ -42,6 +42,11 @@ def test_bench_train_cpu_smoke_plain_and_megacontext():
     mc = out["mc"]
     assert mc["contexts"] == 1 and mc["rows_per_step"] == 1 * (1 + 2 + 1 + 4) and mc["tok_per_s"] > 0
     assert out["mc_over_plain_tok_per_s"] == round(mc["tok_per_s"] / out["tok_per_s"], 3)
+    out = run_json("scripts.bench_train", "--depth", "1", "--aspect-ratio", "64", "--head-dim", "32", "--batch", "4",
+                   "--seq", "64", "--vocab", "256", "--steps", "1", "--warmup", "1", "--device", "cpu",
+                   "--megacontext", "--mc-context-len", "256", "--mc-W", "32", "--mc-H", "8", "--mc-block-size", "4",
+                   "--mc-collapse-probes")
+    assert out["mc"]["rows_per_step"] == 1 * (1 + 2 + 1 + 4 + 1) and out["mc"]["tok_per_s"] > 0
 
 
 def test_bench_decode_cpu_smoke():
@@ -61,6 +66,14 @@ def test_bench_decode_profile_names_the_top_ops():
     # the engine's named phases: every generated token runs logits + append, the timed loop is one range
     assert phases["bench.generate"]["calls"] == 1 and phases["mc.append"]["calls"] >= 2
     assert phases["mc.logits"]["calls"] >= 2 and "mc.step" in phases and phases["mc.refocus"]["calls"] >= 1
+
+
+def test_bench_decode_counts_the_ops_of_one_step():
+    one = run_json("scripts.bench_decode", "--depth", "1", "--vocab", "256", "--count-ops", "--device", "cpu", timeout=240)
+    two = run_json("scripts.bench_decode", "--depth", "2", "--vocab", "256", "--count-ops", "--device", "cpu", timeout=240)
+    assert one["bench"] == "decode_step_ops" and 10 < one["ops_per_step"] < 200
+    per_layer = two["ops_per_step"] - one["ops_per_step"]       # what one more layer adds
+    assert 10 < per_layer <= 40, per_layer                       # 35 at the commit that cut it from 44
 
 
 def test_bench_megaattn_cpu_smoke():
