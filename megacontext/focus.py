@@ -91,10 +91,14 @@ class FocusAllocator:
         groups = wc.collapse_groups()
         cs = np.concatenate([[0.0], np.cumsum(scores)])
         gscore = (cs[groups + K] - cs[groups]) / K
+        if len(self._worth) > 2 * (n // K + 1):
+            # stale keys: parents collapsed outside the allocator (WorkingContext.append in a long chat)
+            live = set(_keys(1, np.unique(ix[lv == 0] // K)).tolist())
+            self._worth = {k: v for k, v in self._worth.items() if k in live}
         if self._worth and len(groups):
-            low = groups[lv[groups] == 0]
-            carried = np.array([self._worth.get(k, -np.inf) for k in _keys(1, ix[low] // K).tolist()])
-            gscore[lv[groups] == 0] = np.maximum(gscore[lv[groups] == 0], carried)
+            low = lv[groups] == 0
+            carried = np.array([self._worth.get(k, -np.inf) for k in _keys(1, ix[groups[low]] // K).tolist()])
+            gscore[low] = np.maximum(gscore[low], carried)
         m = min(len(groups), 2 * self.n_diff + 1 + len(blocked_collapse))   # a planned expand shadows <= 1 group
         if m < len(groups):
             sel = np.argpartition(gscore, m - 1)[:m]

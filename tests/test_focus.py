@@ -285,6 +285,9 @@ def test_carried_score_is_dropped_when_its_parent_collapses():
         if key not in fa._worth:
             break
     assert key not in fa._worth, "a collapsed parent no longer carries its expansion score"
+    fa._worth.update({(i << 6) | 1: 1.0 for i in range(10_000, 10_100)})   # parents gone without the allocator
+    fa.refocus(wc, np.zeros(len(wc)))
+    assert len(fa._worth) <= 2 * (len(wc) // K + 1), "stale carried scores are pruned"
 
 
 def test_needle_rank_counts_gists_scored_above_the_needles_best_gist():
