@@ -181,7 +181,8 @@ def attention(q, k, v, causal=True, attn_mask=None):
     return y.transpose(1, 2)
 
 
-def decode_attention(q, k, v, attn_mask=None):
+@torch.compiler.disable  # Inductor folds these tiny-M bmms into its own fused reduction loops (seen in its CPU
+def decode_attention(q, k, v, attn_mask=None):  # output); a compiled decode step keeps them as cuBLAS GEMVs
     """One query per row (q: (B, 1, H, D)) as two batched GEMVs around a softmax. SDPA's fused
     kernels tile over queries: with a single query they run one thread block per head that walks
     all Tk keys alone (measured on an H100, d20, 4k keys: 0.25 ms per layer, 5 ms per token).

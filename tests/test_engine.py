@@ -400,3 +400,26 @@ def test_chat_cli_one_shot(tiny_tokenizer, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         main_guard(chat_cli.main)
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: no checkpoint")
+
+
+def test_compiled_decode_step_leaves_the_attention_gemvs_to_cublas():
+    """decode="compiled": Inductor would fold decode_attention's single-query bmms into its own
+    reduction loops (one program per head walking all keys, the pattern that made SDPA's kernel
+    slow here). The step's trace breaks at decode_attention instead (at least once per layer),
+    and nowhere else but rotary_cos_sin."""
+    import torch._dynamo as dynamo
+    from nanochat.engine import DecodeStep
+    model = make_model(mc=False)
+    engine = Engine(model, decode="compiled")
+    cache = engine.new_cache(1, 32)
+    engine.prefill(torch.randint(0, V, (1, 8)), cache)
+    step = DecodeStep(model, cache)
+    cache.slot = torch.tensor([cache.pos])
+    dynamo.reset()
+    with torch.no_grad():
+        ex = dynamo.explain(step._forward)(torch.tensor([[1]]), None, None)
+    cache.slot = None
+    reasons = [str(b.reason) for b in ex.break_reasons]
+    assert sum("decode_attention" in r for r in reasons) >= model.config.n_layer, reasons
+    assert all("decode_attention" in r or "rotary_cos_sin" in r for r in reasons), reasons
+    dynamo.reset()
