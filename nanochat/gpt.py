@@ -153,7 +153,8 @@ def _avoid_cudnn(q, Tq, Tk, attn_mask):
 
 def attention(q, k, v, causal=True, attn_mask=None):
     """q: (B, Tq, H, D); k, v: (B, Tk, Hkv, D). attn_mask: bool (B or 1, 1, Tq, Tk), True = attend,
-    or a FlexAttention BlockMask (then `causal` is ignored: the mask says everything).
+    an additive float bias (static decode, Tq = 1), or a FlexAttention BlockMask (then `causal` is
+    ignored: the mask says everything).
     Causal with Tq < Tk means the queries are the *last* Tq positions (chunked prefill)."""
     if BlockMask is not None and isinstance(attn_mask, BlockMask):
         return _flex_attention(q, k, v, attn_mask)
@@ -181,8 +182,10 @@ def attention(q, k, v, causal=True, attn_mask=None):
     return y.transpose(1, 2)
 
 
-@torch.compiler.disable  # Inductor folds these tiny-M bmms into its own fused reduction loops (seen in its CPU
-def decode_attention(q, k, v, attn_mask=None):  # output); a compiled decode step keeps them as cuBLAS GEMVs
+# eager even inside a compiled decode step: Inductor folds these single-query bmms into its own
+# fused reduction loops (seen in its CPU output code); kept out, they stay cuBLAS GEMVs
+@torch.compiler.disable
+def decode_attention(q, k, v, attn_mask=None):
     """One query per row (q: (B, 1, H, D)) as two batched GEMVs around a softmax. SDPA's fused
     kernels tile over queries: with a single query they run one thread block per head that walks
     all Tk keys alone (measured on an H100, d20, 4k keys: 0.25 ms per layer, 5 ms per token).
