@@ -577,11 +577,12 @@ class MemorySession:
         E, N, dev = len(lv), self.wc.num_tokens, self.device
         self._materialize(lv, ix, E)
         t = min(self.K, N)
-        tail = torch.from_numpy(self.tree.tokens(N - t, N).astype(np.int64))[None].to(dev)
+        r = t if self.config.lens_query == "tokens" else min(self.config.lens_query_ctx, N)
+        recent = torch.from_numpy(self.tree.tokens(N - r, N).astype(np.int64))[None].to(dev)
         feat = lens_features(torch.from_numpy(self.wc.starts)[None], torch.from_numpy(self.wc.widths)[None], N)
         with self.autocast:
             scores = self.model.lensnet(self.emb[:E][None], torch.from_numpy(lv)[None].to(dev), feat.to(dev),
-                                        self.model.embed(tail), torch.ones(1, E, dtype=torch.bool, device=dev))
+                                        self.model.lens_queries(recent, t), torch.ones(1, E, dtype=torch.bool, device=dev))
         scores = scores[0].float().cpu().numpy()
         lens_ms = (time.perf_counter() - t0) * 1e3
         tel = self.focus.refocus(self.wc, scores)

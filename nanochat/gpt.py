@@ -56,6 +56,9 @@ except Exception:
     flex_attention = create_block_mask = BlockMask = None
 
 
+LENS_QUERIES = ("tokens", "hidden")
+
+
 @dataclass
 class GPTConfig:
     sequence_len: int = 1024
@@ -75,6 +78,9 @@ class GPTConfig:
     lens_layers: int = 2
     lens_dim: int = 0            # 0 -> n_embd // 4
     pos_scheme: str = "entry"    # "entry" (positions = working-context entry index) or "gaussian"
+    lens_query: str = "tokens"   # LensNet's queries: "tokens" (embeddings of the most recent tokens) or
+                                 # "hidden" (the base model's final hidden states for them: GPT.lens_queries)
+    lens_query_ctx: int = 256    # "hidden": the plain forward runs over this many most recent tokens
     # MegaAttention (DESIGN section 7): local window of w entries + GistNet summaries of older blocks
     mega_attn_window: int = 0    # w in entries; 0 = off (plain causal attention over the window)
     mega_attn_impl: str = "auto" # "auto" (flex on CUDA, else sdpa), "sdpa" (dense mask), "flex"
@@ -88,6 +94,9 @@ class GPTConfig:
             raise ValueError("head dim must be even for rotary embeddings")
         if self.pos_scheme not in ("entry", "gaussian"):
             raise ValueError(f"pos_scheme must be 'entry' or 'gaussian', got {self.pos_scheme!r}")
+        if self.lens_query not in LENS_QUERIES or self.lens_query_ctx < 1:
+            raise ValueError(f"lens_query must be one of {LENS_QUERIES} and lens_query_ctx >= 1, "
+                             f"got {self.lens_query!r}, {self.lens_query_ctx}")
         if self.mega_attn_window < 0:
             raise ValueError(f"mega_attn_window must be >= 0, got {self.mega_attn_window}")
         if self.mega_attn_window and not self.megacontext:
@@ -570,6 +579,17 @@ class GPT(nn.Module):
 
     def embed(self, idx):
         return self.transformer.wte(idx)
+
+    def lens_queries(self, recent, t):
+        """LensNet's queries for the t most recent tokens, from recent (B, L >= t) ids: their
+        embeddings (lens_query "tokens"), or ("hidden") the base model's final hidden states for
+        them after a plain forward over all of `recent`, i.e. the question as the reader
+        understands it in context rather than its raw words. No gradient reaches the base model.
+        Training (MCStep), mc_eval and MemorySession all take their queries from here."""
+        if self.config.lens_query == "tokens":
+            return self.embed(recent[:, -t:]).detach()
+        with torch.no_grad():
+            return self(recent, return_hidden=True)[:, -t:].detach()
 
     def gist(self, child_level, children):
         """The tree's gist_fn: child_level 0 -> children are (n, K) token ids; else (n, K, D)

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, autocast_ctx, synchronize,
                              peak_flops, main_guard, fail, atomic_write_json)
 from nanochat.configurator import parse_config
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, GPTConfig, LENS_QUERIES
 from nanochat.optim import build_optimizers
 from nanochat.tokenizer import get_tokenizer
 from nanochat.dataloader import DataLoader
@@ -126,6 +126,7 @@ class TrainConfig:
     mc_random_wcs: int = 2            # random LOD mixtures per context (besides pure recency)
     mc_probes: int = 4                # counterfactual expansions per context for LensNet
     mc_collapse_probes: bool = False  # + one collapse counterfactual per context (LensNet learns which LOD0 detail stays)
+    mc_lens_query: str = "tokens"     # LensNet's queries: tokens (embeddings) | hidden (base-model states; GPTConfig.lens_query)
     mc_compile: str = "pieces"        # pieces | step: what torch.compile wraps on CUDA (megacontext/mctrain.py: compile_mc)
     mc_lambda: float = 0.01           # edit cost (nats) in LensNet's regularised argmin
     mc_weight: float = 0.1            # weight of the working-context horizon loss: its H tokens per row
@@ -180,10 +181,13 @@ def main():
     if n_embd % n_head or n_head % cfg.gqa_ratio:
         fail(f"depth {cfg.depth} x aspect {cfg.aspect_ratio} gives width {n_embd}, not divisible into "
              f"{n_head} heads / gqa_ratio {cfg.gqa_ratio}")
+    if cfg.mc_lens_query not in LENS_QUERIES:
+        fail(f"mc_lens_query must be one of {', '.join(LENS_QUERIES)}, got {cfg.mc_lens_query!r}")
     model_config = GPTConfig(sequence_len=cfg.max_seq_len, vocab_size=vocab_size, n_layer=cfg.depth,
                              n_head=n_head, n_kv_head=n_head // cfg.gqa_ratio, n_embd=n_embd,
                              megacontext=cfg.megacontext, mc_block_size=cfg.mc_block_size,
-                             mc_max_level=cfg.mc_max_level, pos_scheme=cfg.mc_pos_scheme)
+                             mc_max_level=cfg.mc_max_level, pos_scheme=cfg.mc_pos_scheme,
+                             lens_query=cfg.mc_lens_query)
     if cfg.megacontext:
         K, L = cfg.mc_block_size, cfg.mc_max_level
         if cfg.mc_context_len % (K ** L) or cfg.mc_context_len % cfg.max_seq_len:
