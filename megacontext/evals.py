@@ -42,15 +42,14 @@ def entry_inputs(model, table, offs, wc):
 
 
 @torch.no_grad()
-def lens_scores(model, table, offs, wc, tail=32, query=None):
-    """query: LensNet's (1, t, D) queries (GPT.lens_queries); None = the table's last token rows."""
+def lens_scores(model, table, offs, wc, query):
+    """query: LensNet's (1, t, D) queries (lens_query)."""
     N = wc.num_tokens
     lv = torch.as_tensor(wc.levels, device=table.device)[None]
     emb = entry_inputs(model, table, offs, wc)[None]
     feats = lens_features(torch.as_tensor(wc.starts, device=table.device)[None],
                           torch.as_tensor(wc.widths, device=table.device)[None], N)
-    tail_emb = table[max(0, N - tail):N][None] if query is None else query
-    s = model.lensnet(emb, lv, feats, tail_emb, torch.ones_like(lv, dtype=torch.bool))
+    s = model.lensnet(emb, lv, feats, query, torch.ones_like(lv, dtype=torch.bool))
     return s[0].float().cpu().numpy()
 
 
@@ -79,20 +78,18 @@ def needle_rank(wc, scores, targets):
 
 
 def lens_query(model, hist, N, tail=32):
-    """LensNet's queries for a history of token ids hist[:N] (None: the node table's token rows
-    serve, lens_query "tokens"). The history does not change between refocus rounds: one query
-    serves them all."""
-    c = model.config
-    if c.lens_query == "tokens":
-        return None
-    return model.lens_queries(torch.as_tensor(hist[max(0, N - c.lens_query_ctx):N])[None], min(tail, N))
+    """LensNet's queries for a history of token ids hist[:N]. The history does not change
+    between refocus rounds: one query serves them all."""
+    t = min(tail, N)
+    return model.lens_queries(torch.as_tensor(hist[max(0, N - model.lens_context(t)):N])[None], t)
 
 
 def focus(model, table, offs, N, W, policy, rounds=8, n_diff=4, rng=None, targets=None, trace=None, query=None):
     """Build the working context for a policy ('lens' | 'recency' | 'random' | 'oracle'; the
     oracle needs the target needles' token spans). trace: a dict that gets, with targets, the
     first round's needle_rank and the number of gists it ranked among (does the policy's
-    scorer find the needle before the allocator acts?). query: LensNet's queries (lens_query)."""
+    scorer find the needle before the allocator acts?). query: LensNet's queries (lens_query),
+    needed by the "lens" policy."""
     c = model.config
     wc = WorkingContext.recency(N, c.mc_block_size, W, c.mc_max_level)
     if policy == "recency":

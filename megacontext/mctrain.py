@@ -257,13 +257,9 @@ class MCStep(nn.Module):
         base_emb = m.add_level_embedding(table[bsrc], bl).detach()
         starts = bi * (K ** lv0)
         feats = lens_features(starts, (K ** lv0), N[:, None])
-        if m.config.lens_query == "tokens":   # the token rows of the table: no extra embedding lookup
-            tail_idx = (N[:, None] - self.lens_tail + torch.arange(self.lens_tail, device=dev)[None]).clamp(min=0)
-            tail_emb = table[torch.arange(B, device=dev)[:, None] * T_tab + tail_idx].detach()
-        else:                                  # the last lens_query_ctx tokens before N, through the base model
-            ctx = m.config.lens_query_ctx
-            recent = ids.gather(1, (N[:, None] - ctx + torch.arange(ctx, device=dev)[None]).clamp(min=0))
-            tail_emb = m.lens_queries(recent, self.lens_tail)
+        ctx = m.lens_context(self.lens_tail)   # the tokens before N that LensNet's queries read
+        recent = ids.gather(1, (N[:, None] - ctx + torch.arange(ctx, device=dev)[None]).clamp(min=0))
+        tail_emb = m.lens_queries(recent, self.lens_tail)
         scores = m.lensnet(base_emb, bl, feats, tail_emb, valid)               # (B, Wb)
         legal = bl >= 1
         pick_top = scores.detach().masked_fill(~legal, float("-inf")).argmax(1)

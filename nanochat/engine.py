@@ -577,7 +577,7 @@ class MemorySession:
         E, N, dev = len(lv), self.wc.num_tokens, self.device
         self._materialize(lv, ix, E)
         t = min(self.K, N)
-        r = t if self.config.lens_query == "tokens" else min(self.config.lens_query_ctx, N)
+        r = min(self.model.lens_context(t), N)
         recent = torch.from_numpy(self.tree.tokens(N - r, N).astype(np.int64))[None].to(dev)
         feat = lens_features(torch.from_numpy(self.wc.starts)[None], torch.from_numpy(self.wc.widths)[None], N)
         with self.autocast:

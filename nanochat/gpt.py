@@ -580,6 +580,10 @@ class GPT(nn.Module):
     def embed(self, idx):
         return self.transformer.wte(idx)
 
+    def lens_context(self, t):
+        """How many of the most recent tokens lens_queries(recent, t) reads."""
+        return t if self.config.lens_query == "tokens" else self.config.lens_query_ctx
+
     def lens_queries(self, recent, t):
         """LensNet's queries for the t most recent tokens, from recent (B, L >= t) ids: their
         embeddings (lens_query "tokens"), or ("hidden") the base model's final hidden states for

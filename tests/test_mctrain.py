@@ -376,18 +376,18 @@ def test_eval_policies_never_trade_detail_away_for_nothing():
     """An H100 eval had lens/random NLL well above recency at N = W (every entry LOD0, nothing to
     expand): the allocator collapsed groups on untrained scores. Now a window with nothing to
     expand keeps its detail under every policy, and with gists to expand, collapses only pay."""
-    from megacontext.evals import build_levels, focus
+    from megacontext.evals import build_levels, focus, lens_query
     model = mc_model(seed=0, perturbed=True)
     with torch.no_grad():
         model.lensnet.head.weight.normal_(0, 1.0)                  # decisive, untrained scores
     ids = torch.from_numpy(stream(np.random.default_rng(0), 1, T))[0]
     table, offs = build_levels(model, ids[:W])
     for policy in ("lens", "random"):
-        wc, edits = focus(model, table, offs, W, W, policy, rng=np.random.default_rng(0))
+        wc, edits = focus(model, table, offs, W, W, policy, rng=np.random.default_rng(0), query=lens_query(model, ids, W))
         assert edits == 0 and (wc.levels == 0).all(), policy
     table, offs = build_levels(model, ids[:T - H])
     for policy in ("lens", "random"):
-        wc, _ = focus(model, table, offs, T - H, W, policy, rng=np.random.default_rng(0))
+        wc, _ = focus(model, table, offs, T - H, W, policy, rng=np.random.default_rng(0), query=lens_query(model, ids, T - H))
         wc.validate()
         assert wc.level_counts()[0] >= WorkingContext.recency(T - H, K, W, L).level_counts()[0] - K * 8, policy
 
