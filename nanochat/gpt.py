@@ -207,9 +207,9 @@ def decode_attention(q, k, v, attn_mask=None):
     s = torch.matmul(qg, k.permute(0, 2, 3, 1))                        # (B, Hkv, G, Tk)
     if attn_mask is None:
         s = s.float()
-    elif attn_mask.dtype == torch.bool:
-        s = s.float().masked_fill(~attn_mask.reshape(attn_mask.size(0), 1, 1, k.size(1)), float("-inf"))
     else:
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, device=s.device).masked_fill(~attn_mask, float("-inf"))
         s = s + attn_mask.reshape(attn_mask.size(0), 1, 1, k.size(1)).float()
     y = torch.matmul(torch.softmax(s, dim=-1).to(v.dtype), v.transpose(1, 2))  # (B, Hkv, G, D)
     return y.reshape(B, 1, H, D)
