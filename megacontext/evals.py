@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from megacontext.working_context import WorkingContext
-from megacontext.focus import FocusAllocator
+from megacontext.focus import lens_allocator
 from megacontext.mctrain import build_table, level_offsets
 from nanochat.gpt import lens_features
 
@@ -53,25 +53,30 @@ def lens_scores(model, table, offs, wc, query):
     return s[0].float().cpu().numpy()
 
 
-def oracle_scores(wc, targets):
-    """Perfect focus for needles at token spans targets [(a, b)]: the entries that overlap one
-    score high (expand), other LOD0 entries slightly low (they may collapse to pay for it)."""
+def _covers(wc, targets):
+    """(E,) bool: the entries of wc that overlap any target token span [(a, b)]."""
     hit = np.zeros(len(wc), bool)
     for a, b in targets:
         hit |= (wc.starts < b) & (wc.starts + wc.widths > a)
-    return np.where(hit, 5.0, -0.1 * (wc.levels == 0))
+    return hit
+
+
+def oracle_scores(wc, targets):
+    """Perfect focus for needles at token spans targets [(a, b)]: the entries that overlap one
+    score high (expand), other LOD0 entries slightly low (they may collapse to pay for it)."""
+    return np.where(_covers(wc, targets), 5.0, -0.1 * (wc.levels == 0))
 
 
 def needles_at_lod0(wc, targets):
     """True when every token of every target span [(a, b)] is a LOD0 entry of wc."""
-    return all(not ((wc.starts < b) & (wc.starts + wc.widths > a) & (wc.levels > 0)).any() for a, b in targets)
+    return not (_covers(wc, targets) & (wc.levels > 0)).any()
 
 
 def needle_rank(wc, scores, targets):
     """Rank (1 = top) of the best-scored gist that holds a target needle, among all gists of wc;
     None when no gist holds one (the needles are LOD0 already)."""
     gist = wc.levels >= 1
-    hit = gist & np.logical_or.reduce([(wc.starts < b) & (wc.starts + wc.widths > a) for a, b in targets])
+    hit = gist & _covers(wc, targets)
     if not hit.any():
         return None
     return int((scores[gist] > scores[hit].max()).sum()) + 1
@@ -94,7 +99,7 @@ def focus(model, table, offs, N, W, policy, rounds=8, n_diff=4, rng=None, target
     wc = WorkingContext.recency(N, c.mc_block_size, W, c.mc_max_level)
     if policy == "recency":
         return wc, 0
-    alloc = FocusAllocator(n_diff=n_diff, hysteresis=2, free_collapses=False, carry_scores=True)   # as MemorySession
+    alloc = lens_allocator(n_diff)   # as MemorySession
     edits = 0
     for r in range(rounds):
         if policy == "lens":

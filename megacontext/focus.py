@@ -158,6 +158,12 @@ class FocusAllocator:
                 "len": len(wc), "step": step, "ms": (time.perf_counter() - t0) * 1e3}
 
 
+def lens_allocator(n_diff=4, hysteresis=2):
+    """The allocator the MC paths (MemorySession, mc_eval) drive with LensNet's scores: collapses
+    only pay for expansions, and found detail keeps the score that expanded it."""
+    return FocusAllocator(n_diff, hysteresis, free_collapses=False, carry_scores=True)
+
+
 def sample_working_contexts(N, K, W, max_level, n, rng, tail=None):
     """n valid windows over [0, N): recency() first, then diverse random LOD mixtures that fill
     the budget. Deterministic for a given np.random.Generator state."""

@@ -43,7 +43,7 @@ from nanochat.common import fail, atomic_write_json, atomic_write_bytes, autocas
 from nanochat.gpt import KVCache, lens_features
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import WorkingContext
-from megacontext.focus import FocusAllocator
+from megacontext.focus import lens_allocator
 
 
 @torch.no_grad()
@@ -82,7 +82,8 @@ class DecodeStep:
     """One decode step over `cache` with static shapes: the inputs are copied into buffers owned
     here, the cache runs in static mode (KVCache.slot), and the forward sees the same shapes at
     every step. On CUDA that step is captured once as a CUDA graph and then only replayed: an
-    eager d20 step is ~600 kernel launches, and the host, not the GPU, was the bottleneck. On CPU
+    eager d20 step dispatches 728 ops (903 before the rotary and mask changes; bench_decode
+    --count-ops), and the host, not the GPU, was the bottleneck. On CPU
     the same static path runs eagerly (so CPU tests exercise it).
     step(x, slot, pos=None, sigma=None): x (B, 1) token ids or (B, 1, D) embeddings; slot, a host
     int <= cache.pos, is where the entry goes (entries >= slot are dropped, as truncate(slot) then
@@ -308,7 +309,7 @@ class MemorySession:
             self.tree = MegaContextTree(K=self.K, dim=c.n_embd, max_level=c.mc_max_level,
                                         model_id=self.model_id, path=path, durable=durable)
             self.wc = WorkingContext(self.K, self.W, c.mc_max_level, tail)
-            self.focus = FocusAllocator(n_diff, free_collapses=False, carry_scores=True)   # LensNet ranks expansions only
+            self.focus = lens_allocator(n_diff)
         else:
             self.W = min(int(W or c.sequence_len), c.sequence_len)
             self.tokens, self.w0 = array.array("I"), 0
@@ -347,7 +348,7 @@ class MemorySession:
                 wc = WorkingContext.recency(N, wc.K, wc.W, wc.max_level, wc.tail)
                 self.recovered["wc_rebuilt"] = True
             self.wc = wc
-            self.focus = FocusAllocator(state["n_diff"], free_collapses=False, carry_scores=True)
+            self.focus = lens_allocator(state["n_diff"])
             self.focus.calls = int(state.get("focus_calls", 0))  # hysteresis memory is not persisted
         else:
             self._lock_dir()
