@@ -145,15 +145,20 @@ def build(args, device):
     return model.eval()
 
 
+def profiler(device):
+    """torch.profiler over the CPU, and CUDA kernels too on a GPU."""
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return torch.profiler.profile(activities=acts)
+
+
 def measure(args, h, mode):
     """One (history, mode) measurement in this process: what a child prints."""
     device = torch.device(args.device or autodetect_device_type())
     model = build(args, device)
     autocast = autocast_ctx(device.type)
     ids = np.random.default_rng(h).integers(0, args.vocab, size=h, dtype=np.int64)
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
     # --profile: where a decode run's time goes, the top ops by self time (CPU and device)
-    with (torch.profiler.profile(activities=acts) if args.profile else contextlib.nullcontext()) as prof, \
+    with (profiler(device) if args.profile else contextlib.nullcontext()) as prof, \
             tempfile.TemporaryDirectory(prefix="bench_decode_") as tmp:
         out = bench_full(model, ids, args, device, autocast) if mode == "full" else \
             bench_mc(model, ids, args, device, autocast, args.dir or tmp)
@@ -194,8 +199,7 @@ def count_step_ops(args, device):
     step = DecodeStep(model, cache, engine.autocast, graph=False)
     x = torch.zeros(1, 1, dtype=torch.long, device=device)
     step(x, cache.pos)                                  # warm: lazy init, buffers
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.profiler.profile(activities=acts) as prof:
+    with profiler(device) as prof:
         step(x, cache.pos)
         synchronize(device.type)
 
