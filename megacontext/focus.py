@@ -17,7 +17,8 @@ Focus: deciding which spans of the working context are at which LOD.
   noise. So a LOD0 group keeps, as its collapse score, the score its parent had when this
   allocator expanded it (at least; while it stays expanded). With a LensNet that scores the
   needle's gists +4 and everything else as noise, mc_eval's 8 rounds left the needle at LOD0
-  16/15/9/5 times in 20 at 4/16/64/256x W without this, 20/20 with it (tests/test_focus.py).
+  13/15/9/5 times in 20 at 4/16/64/256x W without this, 20/20 with it (python -m
+  scripts.bench_focus --needle-sim; tests/test_focus.py).
 - Hysteresis: the allocator remembers the parent node (level, index) of each edit and when it
   made it; for `hysteresis` refocus steps it will not collapse what it expanded, nor expand
   what it collapsed. This stops flip-flopping when scores hover near the threshold.

@@ -2,8 +2,11 @@
 CPU timings of the working-context machinery that runs outside the model, as one JSON line:
 refocus (at W=8192, K=32, N=1M, random LensNet-like scores), single-token append (the decode
 loop's per-token cost), a bulk 1M-token ingest, and the training-time sampler (n=8).
+--needle-sim instead: mc_eval's focus loop (W=512, K=32, 8 rounds) with a simulated imperfect
+LensNet, with and without carried scores: in how many of 20 runs the needle ends at LOD0.
 
     python -m scripts.bench_focus [--W 8192] [--K 32] [--N 1000000] [--calls 2000]
+    python -m scripts.bench_focus --needle-sim
 """
 import argparse
 import json
@@ -22,6 +25,35 @@ def stats(ms):
             "mean": round(float(ms.mean()), 4), "n": len(ms)}
 
 
+def noisy_lens_focus(N, needle, seed, carry, rounds=8, K=32, W=512, L=2):
+    """mc_eval's focus loop with an imperfect LensNet: the needle's gists score +4, other gists
+    N(-1, 1), LOD0 tokens N(0, 1) (LensNet never trains on them). Returns the needle's level after
+    each round."""
+    rng = np.random.default_rng(seed)
+    wc = WorkingContext.recency(N, K, W, L)
+    fa = FocusAllocator(n_diff=4, hysteresis=2, free_collapses=False, carry_scores=carry)
+    trace = []
+    for _ in range(rounds):
+        hit = (wc.starts <= needle) & (wc.starts + wc.widths > needle)
+        s = np.where(wc.levels >= 1, rng.normal(-1, 1, len(wc)), rng.normal(0, 1, len(wc)))
+        s[hit & (wc.levels >= 1)] = 4.0
+        fa.refocus(wc, s)
+        wc.validate()
+        trace.append(int(wc.levels[(wc.starts <= needle) & (wc.starts + wc.widths > needle)][0]))
+    return trace
+
+
+def needle_sim(mults=(4, 16, 64, 256), n=20, W=512):
+    """{mult: {"no_carry": kept, "carry": kept}} out of n needles in [0, max(N - 2048, N/2))."""
+    out = {}
+    for m in mults:
+        N = m * W
+        needles = np.random.default_rng(100).integers(0, max(N - 2048, N // 2), size=n)
+        out[m] = {name: sum(noisy_lens_focus(N, int(x), i, c)[-1] == 0 for i, x in enumerate(needles))
+                  for name, c in (("no_carry", False), ("carry", True))}
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--W", type=int, default=8192)
@@ -30,7 +62,11 @@ def main():
     ap.add_argument("--max-level", type=int, default=2)
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--needle-sim", action="store_true", help="only the carried-scores simulation (see above)")
     args = ap.parse_args()
+    if args.needle_sim:
+        print(json.dumps({"needle_at_lod0_of_20": needle_sim()}))
+        return
     K, W, N, L = args.K, args.W, args.N, args.max_level
     rng = np.random.default_rng(args.seed)
 
