@@ -58,16 +58,22 @@ def main():
     ddp, rank, local_rank, world, device = compute_init(args.device or None)
     n_embd = args.depth * args.aspect_ratio
     n_head = max(1, n_embd // args.head_dim)
-    cfg = GPTConfig(sequence_len=args.seq, vocab_size=args.vocab, n_layer=args.depth, n_head=n_head,
-                    n_kv_head=n_head, n_embd=n_embd, megacontext=args.megacontext,
-                    mc_block_size=args.mc_block_size, mc_max_level=args.mc_max_level)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device=device)
-    model.init_weights()
-    model.loss_chunk = args.loss_chunk
-    opts = build_optimizers(model)
-    raw = model
+
+    def build(megacontext):
+        cfg = GPTConfig(sequence_len=args.seq, vocab_size=args.vocab, n_layer=args.depth, n_head=n_head,
+                        n_kv_head=n_head, n_embd=n_embd, megacontext=megacontext,
+                        mc_block_size=args.mc_block_size, mc_max_level=args.mc_max_level)
+        with torch.device("meta"):
+            m = GPT(cfg)
+        m.to_empty(device=device)
+        m.init_weights()
+        m.loss_chunk = args.loss_chunk
+        return m, build_optimizers(m)
+
+    # The plain path is a plain GPT: an MC model's GistNet/LensNet get no gradient from a plain
+    # step, which DDP rejects (and which would not be the plain path's cost anyway).
+    raw, opts = build(False)
+    model = raw
     if args.compile and device.type == "cuda":
         model = torch.compile(model, dynamic=False)
     if ddp:
@@ -77,20 +83,21 @@ def main():
     x = torch.randint(0, args.vocab, (args.batch, args.seq), device=device, generator=g)
     y = torch.randint(0, args.vocab, (args.batch, args.seq), device=device, generator=g)
 
-    def step(fwd, *inputs):
+    def step(fwd, *inputs, raw_opts=None):
+        m, os_ = raw_opts or (raw, opts)
         with autocast:
             loss = fwd(*inputs)
             loss = loss[0] if isinstance(loss, tuple) else loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
-        for o in opts:
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        for o in os_:
             o.step()
-        raw.zero_grad(set_to_none=True)
+        m.zero_grad(set_to_none=True)
         return loss
 
-    def timed(fwd, make_inputs):
+    def timed(fwd, make_inputs, raw_opts=None):
         for i in range(args.warmup):
-            step(fwd, *make_inputs(i))
+            step(fwd, *make_inputs(i), raw_opts=raw_opts)
         synchronize(device.type)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -98,7 +105,7 @@ def main():
         synchronize(device.type)
         t0 = time.time()
         for inp in inputs:
-            step(fwd, *inp)
+            step(fwd, *inp, raw_opts=raw_opts)
         synchronize(device.type)
         mem = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
         return (time.time() - t0) / args.steps, mem
@@ -117,20 +124,23 @@ def main():
         "compiled": bool(args.compile and device.type == "cuda"), "torch": torch.__version__,
     }
     if args.megacontext:
-        out["mc"] = bench_mc_step(args, raw, step, timed, device, rank, ddp, local_rank, world)
+        model = opts = raw = None  # free the plain model before the MC one is built
+        out["mc"] = bench_mc_step(args, build(True), timed, device, rank, ddp, local_rank, world)
         out["mc_over_plain_tok_per_s"] = round(out["mc"]["tok_per_s"] / out["tok_per_s"], 3)
     print0(json.dumps(out))
-    del model  # the DDP wrapper must go before the process group: see compute_cleanup
+    model = None  # the DDP wrapper must go before the process group: see compute_cleanup
     compute_cleanup()
 
 
-def bench_mc_step(args, raw, step, timed, device, rank, ddp, local_rank, world):
-    """Times MCStep on the same model: B = --batch // (mc_context_len / seq) contexts, so that a
-    step sees the same number of context tokens as a plain step."""
+def bench_mc_step(args, raw_opts, timed, device, rank, ddp, local_rank, world):
+    """Times MCStep on an MC model of the plain one's shape (raw_opts: that GPT and its optimizers):
+    B = --batch // (mc_context_len / seq) contexts, so that a step sees the same number of context
+    tokens as a plain step."""
     import numpy as np
     from megacontext.mctrain import MCStep, make_plan, compile_mc
     B = max(1, args.batch * args.seq // args.mc_context_len)
     T = args.mc_context_len
+    raw = raw_opts[0]
     mc = MCStep(raw, args.mc_W, args.mc_H, args.mc_random_wcs, args.mc_probes)
     if args.compile and device.type == "cuda":  # as scripts/base_train.py does
         compile_mc(mc, args.mc_compile)
@@ -145,7 +155,8 @@ def bench_mc_step(args, raw, step, timed, device, rank, ddp, local_rank, world):
         plan = {k: torch.from_numpy(v).to(device) for k, v in plan.items()}
         return ids, torch.from_numpy(N).to(device), plan
 
-    dt, mem = timed(fwd, make_inputs)
+    dt, mem = timed(fwd, make_inputs, raw_opts)
+    fwd = None  # the DDP wrapper must go before the process group: see compute_cleanup
     rows = B * (1 + args.mc_random_wcs + 1 + args.mc_probes + int(args.mc_collapse_probes))
     return {"contexts": B, "context_len": T, "W": args.mc_W, "H": args.mc_H, "compile": args.mc_compile, "rows_per_step": rows,
             "row_tokens_per_step": rows * (args.mc_W + args.mc_H - 1), "step_ms": round(dt * 1000, 2),

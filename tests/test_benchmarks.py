@@ -80,3 +80,15 @@ def test_bench_megaattn_cpu_smoke():
     out = run_json("scripts.bench_megaattn", "--device", "cpu", "--steps", "1", "--warmup", "1", timeout=240)
     assert out["bench"] == "megaattn" and out["results"]
     assert all(r["tok_per_s"] > 0 for r in out["results"] if "tok_per_s" in r)
+
+
+def test_bench_train_megacontext_under_torchrun():
+    """2 gloo ranks: the plain path's DDP must not hold GistNet/LensNet (they get no gradient from a
+    plain step, and DDP stops at the next step: an H200 run found this)."""
+    out = run_json("torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scripts.bench_train",
+                   "--depth", "1", "--aspect-ratio", "64", "--head-dim", "32", "--batch", "4",
+                   "--seq", "64", "--vocab", "256", "--steps", "2", "--warmup", "1", "--device", "cpu",
+                   "--megacontext", "--mc-context-len", "256", "--mc-W", "32", "--mc-H", "8", "--mc-block-size", "4",
+                   timeout=240)
+    assert out["world_size"] == 2 and abs(out["tok_per_s"] - 2 * out["tok_per_s_per_gpu"]) <= 2
+    assert out["mc"]["tok_per_s"] > 0 and out["mc_over_plain_tok_per_s"] > 0
