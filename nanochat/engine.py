@@ -424,6 +424,12 @@ class MemorySession:
         if a >= E:
             return
         lv_, ix_, n = lv[a:E], ix[a:E], E - a
+        if n == 1 and lv_[0] == 0:  # every generated token: its embedding row, no host->device copies
+            t = int(self.tree.tokens(int(ix_[0]), int(ix_[0]) + 1)[0])
+            self.emb[a] = self.model.transformer.wte.weight[t]  # = entry_embeddings at LOD0
+            self._lv[a], self._ix[a] = 0, ix_[0]
+            self._known = E
+            return
         tok = np.zeros(n, np.int64)
         gists = torch.zeros(n, self.config.n_embd)
         cut = np.flatnonzero((np.diff(lv_) != 0) | (np.diff(ix_) != 1)) + 1

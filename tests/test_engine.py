@@ -101,6 +101,25 @@ def test_cache_exact_through_appends_and_edits(scheme):
     assert s.last_recomputed == 0                            # nothing changed: nothing recomputed
 
 
+def test_one_token_materialize_is_the_entry_embedding():
+    """A generated token's slot is filled by the one-entry fast path (a row of wte, no host->device
+    copies); it must hold exactly what entry_embeddings gives, and the slot after a refocus too."""
+    s = MemorySession(make_model(), W=W)
+    s.ingest(np.arange(300) % V)
+    s.refocus()
+    s.logits()
+    for t in (7, 3):
+        s.ingest([t])
+        s.logits()
+        assert s.last_recomputed == 1
+        E = len(s.wc)
+        ref = s.model.entry_embeddings(torch.zeros(1, 1, dtype=torch.long), torch.tensor([[t]]),
+                                       torch.zeros(1, 1, s.config.n_embd))[0, 0]
+        assert torch.equal(s.emb[E - 1], ref.to(s.emb.dtype))
+        assert (s._lv[E - 1], s._ix[E - 1]) == (0, s.wc.indices[E - 1])
+    check(s)
+
+
 def test_compresses_from_first_token_past_W():
     s = MemorySession(make_model(), W=W)
     s.ingest(np.arange(W) % V)
