@@ -19,7 +19,7 @@ step() {  # name timeout_s command...
 }
 step train_d12   120 "$PY" -m scripts.bench_train --depth 12 --batch 32 --seq 2048 --vocab 32768 --steps 10 --warmup 4
 step train_d20   150 "$PY" -m scripts.bench_train --depth 20 --batch 16 --seq 2048 --vocab 65536 --steps 10 --warmup 4
-step train_d20_b32 150 "$PY" -m scripts.bench_train --depth 20 --batch 32 --seq 2048 --vocab 65536 --steps 10 --warmup 4 --loss-chunk 8192
+step train_d20_b24 150 "$PY" -m scripts.bench_train --depth 20 --batch 24 --seq 2048 --vocab 65536 --steps 10 --warmup 4  # 32 runs out of memory on an H100
 step train_mc_d8 150 "$PY" -m scripts.bench_train --depth 8 --batch 64 --seq 2048 --vocab 8192 --steps 10 --warmup 5 \
   --megacontext --mc-context-len 16384 --mc-W 512 --mc-H 64
 step train_mc_d8_step 150 "$PY" -m scripts.bench_train --depth 8 --batch 64 --seq 2048 --vocab 8192 --steps 10 --warmup 5 \

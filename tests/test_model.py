@@ -173,6 +173,23 @@ def test_kv_cached_decode_equals_full_recompute():
         assert (model(x[:, 10:], kv_cache=bad) - full[:, 10:]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_inference_qkv_path_equals_the_training_path(n_kv_head):
+    """A KV-cached forward stacks c_q/c_k/c_v into one GEMM and runs one QK norm and one rotary over
+    the q and k heads; it must give what the three-projection path (no cache) gives, for MHA, GQA
+    and MQA, and it must read the live weights (no stale copy after they change)."""
+    model = tiny_gpt(n_kv_head=n_kv_head)
+    x = tokens(2, 24)
+    with torch.no_grad():
+        cached = model(x, kv_cache=new_cache(model, 2, 24))
+        torch.testing.assert_close(cached, model(x), atol=1e-5, rtol=0)
+        w = model.transformer.h[0].attn.c_k.weight  # a new direction: QK norm undoes a rescale
+        w.add_(0.2 * torch.randn(w.shape, generator=torch.Generator().manual_seed(3)))
+        changed = model(x, kv_cache=new_cache(model, 2, 24))
+        torch.testing.assert_close(changed, model(x), atol=1e-5, rtol=0)
+    assert (changed - cached).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("n_kv_head,batch", [(4, 1), (2, 1), (1, 3)])
 def test_decode_attention_equals_sdpa(n_kv_head, batch):
     """The one-query GEMV path against SDPA, with GQA, a batch and a mask over the cache (the
