@@ -82,7 +82,7 @@ class DecodeStep:
     """One decode step over `cache` with static shapes: the inputs are copied into buffers owned
     here, the cache runs in static mode (KVCache.slot), and the forward sees the same shapes at
     every step. On CUDA that step is captured once as a CUDA graph and then only replayed: an
-    eager d20 step dispatches 728 ops (903 before the rotary and mask changes; bench_decode
+    eager d20 step dispatches 608 ops (903 before the rotary, mask and fused-QKV changes; bench_decode
     --count-ops), and the host, not the GPU, was the bottleneck. On CPU
     the same static path runs eagerly (so CPU tests exercise it).
     step(x, slot, pos=None, sigma=None): x (B, 1) token ids or (B, 1, D) embeddings; slot, a host
