@@ -76,6 +76,21 @@ KV_TEMPLATES = [
 ]
 
 
+# sentence shapes of the generated training phrasings; "{n}" is the noun slot
+PK_SHAPES = (
+    (" The {n} is {k}. Remember the {n}. ", " What is the {n}? The {n} is"),
+    (" Write down the {n}: {k}. Again: {k}. ", " Tell me the {n}. The {n} is"),
+    (" Here is the {n}, {k}. Do not lose it. ", " Earlier you were given the {n}. It was"),
+    (" Please memorize the {n} {k}. ", " Which {n} did you memorize? The {n} is"))
+MAGIC_SHAPES = (
+    (" The {n} of {key} is {v}. ", " What is the {n} of {key}? The {n} of {key} is",
+     " What are all the {n}s of {key}? The {n}s of {key} are"),
+    (" Note: {key} has the {n} {v}. ", " Which {n} does {key} have? {key} has the {n}",
+     " Which {n}s does {key} have? {key} has the {n}s"),
+    (" Remember the {n} for {key}: {v}. ", " Name the {n} for {key}. It is",
+     " Name every {n} for {key}. They are"))
+
+
 def _generated_templates():
     """Training phrasings beyond the hand-written ones: one noun (or connector) per fmt, set in a
     rotating sentence shape. The held-out fmt 2 stays unseen: no generated phrasing uses its
@@ -84,20 +99,8 @@ def _generated_templates():
     than in the held-out one (README, #4): more nouns and shapes teach the rule, not the words."""
     nouns = ("pass code", "secret number", "code word", "combination", "ticket number", "locker number",
              "serial number", "safe code", "room number", "order number", "key number", "pin code")
-    pk_shapes = (
-        (" The {n} is {k}. Remember the {n}. ", " What is the {n}? The {n} is"),
-        (" Write down the {n}: {k}. Again: {k}. ", " Tell me the {n}. The {n} is"),
-        (" Here is the {n}, {k}. Do not lose it. ", " Earlier you were given the {n}. It was"),
-        (" Please memorize the {n} {k}. ", " Which {n} did you memorize? The {n} is"))
     tags = ("lucky number", "special number", "magic value", "secret value", "tag number", "reference number",
             "label number", "id number", "token number", "badge number", "rank number", "record number")
-    magic_shapes = (
-        (" The {n} of {key} is {v}. ", " What is the {n} of {key}? The {n} of {key} is",
-         " What are all the {n}s of {key}? The {n}s of {key} are"),
-        (" Note: {key} has the {n} {v}. ", " Which {n} does {key} have? {key} has the {n}",
-         " Which {n}s does {key} have? {key} has the {n}s"),
-        (" Remember the {n} for {key}: {v}. ", " Name the {n} for {key}. It is",
-         " Name every {n} for {key}. They are"))
     links = ("points to", "stores", "gives", "returns", "contains", "yields",
              "sets", "keeps", "has", "owns", "reads", "outputs")
     kv_q = (" Query key-{k}. key-{k} {c}", " Which value does key-{k} give? key-{k} {c}")
@@ -106,7 +109,7 @@ def _generated_templates():
 
     def fill(shapes, words, slot):  # word i goes into shape i (mod the number of shapes)
         return [tuple(t.replace(slot, w) for t in shapes[i % len(shapes)]) for i, w in enumerate(words)]
-    return fill(pk_shapes, nouns, "{n}"), fill(magic_shapes, tags, "{n}"), fill(kv_shapes, links, "{c}")
+    return fill(PK_SHAPES, nouns, "{n}"), fill(MAGIC_SHAPES, tags, "{n}"), fill(kv_shapes, links, "{c}")
 
 
 _pk, _magic, _kv = _generated_templates()
@@ -122,6 +125,21 @@ WORDS = (
     "compass saddle willow ember canyon pebble quartz badger comet hollow maple crimson ladder "
     "fearless"
 ).split()
+
+# Open phrasings (opt-in: random_train_example(open_nouns=True), base_train --mc-task-open-nouns):
+# a generated shape with a noun drawn per example ("the falcon code", "the ember tag"): 400 nouns x
+# 4 or 3 shapes instead of 17 fixed phrasings. In the held-out phrasing LensNet ranked the needle's
+# gist below chance while it ranked it first in a training phrasing (README, #4): it had learned
+# the phrasings' surface. None of these words is one of the held-out phrasing's (tests/test_tasks.py).
+OPEN_HEADS = ("number", "code", "key", "value", "id", "word", "tag", "token", "label", "pin")
+
+
+def open_template(kind, rng):
+    """A training template for `kind` ("passkey", "multikey", "multivalue") with a random noun."""
+    shapes = PK_SHAPES if kind == "passkey" else MAGIC_SHAPES
+    shape = shapes[int(rng.integers(len(shapes)))]
+    noun = f"{WORDS[int(rng.integers(len(WORDS)))]} {OPEN_HEADS[int(rng.integers(len(OPEN_HEADS)))]}"
+    return tuple(t.replace("{n}", noun) for t in shape)
 
 
 def task_rng(split, index):
@@ -241,15 +259,16 @@ def _depths(rng, n):
 # -----------------------------------------------------------------------------
 # Tasks
 
-def passkey(rng, length, filler, encode, depth=None, fmt=0, split="train", n_digits=5):
-    """One passkey needle at relative depth `depth` in [0, 1] (random if None)."""
+def passkey(rng, length, filler, encode, depth=None, fmt=0, split="train", n_digits=5, template=None):
+    """One passkey needle at relative depth `depth` in [0, 1] (random if None). template: a
+    (needle, question) pair in place of fmt's (open_template)."""
     _check_fmt(fmt, PASSKEY_TEMPLATES)
     if depth is None:
         depth = float(rng.random())
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     k = _number(rng, n_digits, split)
-    needle, question = PASSKEY_TEMPLATES[fmt]
+    needle, question = template or PASSKEY_TEMPLATES[fmt]
     return _assemble(rng, length, filler, encode, "passkey", [needle.format(k=k)], [depth],
                      question, f" {k}", target=[0])
 
@@ -258,25 +277,25 @@ def _magic_keys(rng, n):
     return _distinct(lambda: "-".join(rng.choice(WORDS, 2, replace=False)), n)
 
 
-def multikey_niah(rng, length, filler, encode, n_keys=4, fmt=0, split="train", n_digits=7):
+def multikey_niah(rng, length, filler, encode, n_keys=4, fmt=0, split="train", n_digits=7, template=None):
     """n_keys needles with distinct word keys at random depths; the question asks for one of them."""
     _check_fmt(fmt, MAGIC_TEMPLATES)
     keys = _magic_keys(rng, n_keys)
     values = _distinct(lambda: _number(rng, n_digits, split), n_keys)
     q = int(rng.integers(n_keys))
-    needle, question, _ = MAGIC_TEMPLATES[fmt]
+    needle, question, _ = template or MAGIC_TEMPLATES[fmt]
     return _assemble(rng, length, filler, encode, "multikey",
                      [needle.format(key=k, v=v) for k, v in zip(keys, values)], _depths(rng, n_keys),
                      question.format(key=keys[q]), f" {values[q]}", target=[q])
 
 
-def multivalue_niah(rng, length, filler, encode, n_values=4, fmt=0, split="train", n_digits=7):
+def multivalue_niah(rng, length, filler, encode, n_values=4, fmt=0, split="train", n_digits=7, template=None):
     """One key with n_values values at random depths; the answer lists them in document order."""
     _check_fmt(fmt, MAGIC_TEMPLATES)
     key = _magic_keys(rng, 1)[0]
     # depths are sorted, so values[i] lands before values[i+1]: list order == document order.
     values = _distinct(lambda: _number(rng, n_digits, split), n_values)
-    needle, _, question = MAGIC_TEMPLATES[fmt]
+    needle, _, question = template or MAGIC_TEMPLATES[fmt]
     return _assemble(rng, length, filler, encode, "multivalue",
                      [needle.format(key=key, v=v) for v in values], _depths(rng, n_values),
                      question.format(key=key), " " + ", ".join(values), target=list(range(n_values)))
@@ -304,11 +323,16 @@ def make_example(kind, rng, length, filler, encode, **kw):
     return TASKS[kind](rng, length, filler, encode, **kw)
 
 
-def random_train_example(rng, length, filler, encode, kinds=tuple(TASKS)):
-    """A training example: random kind, random train phrasing, train values."""
+def random_train_example(rng, length, filler, encode, kinds=tuple(TASKS), open_nouns=False):
+    """A training example: random kind, random train phrasing, train values. open_nouns: half of
+    the passkey and NIAH examples take an open_template instead (the rng draws no more otherwise,
+    so the default stream is unchanged)."""
     kind = kinds[int(rng.integers(len(kinds)))]
     fmt = TRAIN_FMTS[int(rng.integers(len(TRAIN_FMTS)))]
-    return make_example(kind, rng, length, filler, encode, fmt=fmt, split="train")
+    kw = {}
+    if open_nouns and kind != "kv" and rng.random() < 0.5:
+        kw["template"] = open_template(kind, rng)
+    return make_example(kind, rng, length, filler, encode, fmt=fmt, split="train", **kw)
 
 
 # -----------------------------------------------------------------------------

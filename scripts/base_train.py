@@ -62,7 +62,7 @@ class MCBatcher:
         filler = tasks.make_text_filler(ids.reshape(-1).copy())
         for b in range(B):
             if rng.random() < cfg.mc_task_rate:
-                ex = tasks.random_train_example(rng, T, filler, self.tok.encode)
+                ex = tasks.random_train_example(rng, T, filler, self.tok.encode, open_nouns=cfg.mc_task_open_nouns)
                 ids[b] = ex["ids"]
                 N[b] = ex["answer_start"]
                 needle[b] = ex["target_pos"][0]
@@ -134,6 +134,7 @@ class TrainConfig:
                                       # plain-only training (tests/test_mctrain.py), at 0.1 it keeps up
     lens_weight: float = 1.0          # weight of the LensNet loss
     mc_task_rate: float = 0.5         # fraction of contexts replaced by synthetic long-context tasks
+    mc_task_open_nouns: bool = False  # half the passkey/NIAH tasks in a shape with a random noun (tasks.open_template)
     mc_answer_weight: float = 4.0     # loss weight of task answer tokens
 
 

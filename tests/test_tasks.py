@@ -221,3 +221,47 @@ def test_generated_phrasings_need_no_longer_contexts():
     for kind in tasks.TASKS:
         written = max(min_len(kind, f) for f in range(6))
         assert max(min_len(kind, f) for f in range(6, 6 + tasks.N_GENERATED)) <= written, kind
+
+
+def test_open_nouns_vary_the_surface_and_keep_the_eval_phrasing_unseen():
+    """open_nouns=True: half the passkey/NIAH examples take a shape with a random noun. Their needles
+    and questions vary far more than 17 phrasings, never use the held-out phrasing's words, keep
+    the answer contract, and need no longer contexts than the hand-written phrasings."""
+    held_out = ("access code", "hidden number", "maps to", "Important", "Keep", "Recall", "List")
+    rng = np.random.default_rng(0)
+    surfaces, n_open = set(), 0
+    for _ in range(300):  # passkey needles carry no key: their surface is the phrasing alone
+        ex = tasks.random_train_example(rng, 300, filler, encode, kinds=("passkey",), open_nouns=True)
+        check_example(ex, 300)
+        text = decode(ex["ids"][ex["needle_pos"][0]:ex["answer_start"]])
+        assert not any(w in text for w in held_out), text
+        needle = decode(ex["ids"][ex["target_spans"][0][0]:ex["target_spans"][0][1]])
+        surfaces.add("".join(c for c in needle if not c.isdigit()))
+        n_open += any(f" {w} " in needle for w in tasks.WORDS)
+    assert 100 <= n_open <= 200, n_open          # about half
+    assert len(surfaces) > 100, len(surfaces)    # the 17 fixed phrasings give at most 17
+    ex = tasks.random_train_example(np.random.default_rng(1), MIN_LEN["multikey"], filler, encode,
+                                    kinds=("multikey",), open_nouns=True)
+    check_example(ex, MIN_LEN["multikey"])
+    longest = max((f"{w} {h}" for w in tasks.WORDS for h in tasks.OPEN_HEADS), key=len)
+    for kind, shapes in (("passkey", tasks.PK_SHAPES), ("multikey", tasks.MAGIC_SHAPES)):
+        written = max(_min_len(kind, fmt=f) for f in range(6))
+        for shape in shapes:
+            t = tuple(p.replace("{n}", longest) for p in shape)
+            assert _fits(kind, written, template=t), (kind, t)
+
+
+def _fits(kind, n, **kw):
+    try:
+        tasks.make_example(kind, np.random.default_rng(0), n, filler, encode, **kw)
+        return True
+    except ValueError:
+        return False
+
+
+def _min_len(kind, **kw):
+    lo, hi = 1, 4096  # the shortest length that assembles (fixed seed: same keys and values)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _fits(kind, mid, **kw) else (mid + 1, hi)
+    return lo
