@@ -73,8 +73,9 @@ def load_checkpoint(run_dir, step=None, device="cpu"):
         fail(f"cannot read checkpoint {path}: {type(e).__name__}: {e}")
 
 
-def build_model(ckpt, device, tokenizer=None):
-    """Rebuild the GPT from a checkpoint dict; checks vocab against the tokenizer if given."""
+def build_model(ckpt, device, tokenizer=None, dtype=None):
+    """Rebuild the GPT from a checkpoint dict; checks vocab against the tokenizer if given.
+    dtype: cast the weights after loading (inference only, e.g. common.inference_dtype)."""
     config = GPTConfig(**ckpt["model_config"])
     if tokenizer is not None and tokenizer.get_vocab_size() != config.vocab_size:
         fail(f"checkpoint was trained with vocab size {config.vocab_size} but the tokenizer has "
@@ -85,6 +86,8 @@ def build_model(ckpt, device, tokenizer=None):
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     if missing or unexpected:
         fail(f"checkpoint does not match the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    if dtype is not None:
+        model.to(dtype)
     return model
 
 

@@ -118,6 +118,21 @@ def autocast_ctx(device_type, dtype=torch.bfloat16):
     return contextlib.nullcontext()
 
 
+INFERENCE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def inference_dtype(name, device_type):
+    """The weight dtype for serving (--dtype of chat_cli / chat_web). auto: bfloat16 on CUDA, which
+    is what bench_decode measures (no per-step weight casts under autocast, half the weight
+    memory), float32 elsewhere. A memory's model id includes the dtype: memories made under one
+    open only under the same."""
+    if name not in INFERENCE_DTYPES:
+        fail(f"--dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {name!r}")
+    if name == "auto":
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
 def synchronize(device_type):
     if device_type == "cuda":
         torch.cuda.synchronize()

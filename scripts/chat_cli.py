@@ -19,7 +19,8 @@ import argparse
 
 import torch
 
-from nanochat.common import main_guard, fail, get_base_dir, autodetect_device_type, autocast_ctx
+from nanochat.common import main_guard, fail, get_base_dir, autodetect_device_type, autocast_ctx, inference_dtype, \
+    INFERENCE_DTYPES
 from nanochat.checkpoint_manager import load_checkpoint, build_model
 from nanochat.tokenizer import get_tokenizer
 from nanochat.engine import MemorySession, STATE_FILE
@@ -65,6 +66,8 @@ def main():
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--raw", action="store_true", help="base models: continue the prompt as plain text (no chat turns)")
     ap.add_argument("--device", default=None, help="cuda | cpu | mps (default: autodetect)")
+    ap.add_argument("--dtype", default="auto", choices=INFERENCE_DTYPES,
+                    help="weights: auto = bfloat16 on CUDA, float32 elsewhere (a memory reopens under the dtype that made it)")
     args = ap.parse_args()
     if args.max_tokens < 1:
         fail("--max-tokens must be >= 1")
@@ -77,7 +80,8 @@ def main():
     device = torch.device(device_type)
     tok = get_tokenizer()
     ckpt_dir = args.ckpt_dir or os.path.join(get_base_dir(), "runs", args.run)
-    model = build_model(load_checkpoint(ckpt_dir, args.step, device="cpu"), device, tok)
+    model = build_model(load_checkpoint(ckpt_dir, args.step, device="cpu"), device, tok,
+                        dtype=inference_dtype(args.dtype, device_type))
     model.eval()
     autocast = autocast_ctx(device_type)
 

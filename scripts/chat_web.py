@@ -60,7 +60,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import nanochat
 from nanochat import engine  # engine.MemorySession is looked up at call time (tests may swap it)
 from nanochat.common import UserError, fail, atomic_write_json, get_base_dir, autocast_ctx, \
-    autodetect_device_type, main_guard
+    autodetect_device_type, main_guard, inference_dtype, INFERENCE_DTYPES
 from nanochat.checkpoint_manager import load_checkpoint, build_model, find_last_step
 from nanochat.tokenizer import get_tokenizer
 from nanochat.web_api import (  # request parsing + validation
@@ -653,6 +653,8 @@ def main():
     ap.add_argument("--num-gpus", type=int, default=1, help="one worker (model replica) per GPU")
     ap.add_argument("--device", default="", help="cuda | cpu | mps (default: autodetect)")
     ap.add_argument("--W", type=int, default=None, help="working-context budget (default: the engine's)")
+    ap.add_argument("--dtype", default="auto", choices=INFERENCE_DTYPES,
+                    help="weights: auto = bfloat16 on CUDA, float32 elsewhere (conversations reopen under the dtype that made them)")
     ap.add_argument("--log-level", default="info")
     for f in fields(Limits):
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
@@ -679,7 +681,7 @@ def main():
     tokenizer = get_tokenizer(args.tokenizer_dir or None)
     step = args.step if args.step is not None else find_last_step(ckpt_dir)
     ckpt = load_checkpoint(ckpt_dir, step=step, device="cpu")
-    models = [build_model(ckpt, d, tokenizer) for d in devices]
+    models = [build_model(ckpt, d, tokenizer, dtype=inference_dtype(args.dtype, device_type)) for d in devices]
     del ckpt
     session_kw = {"W": args.W} if args.W else {}
     app = create_app(models, tokenizer, data_dir, limits, model_name=name, session_kw=session_kw)

@@ -421,6 +421,31 @@ def test_chat_cli_one_shot(tiny_tokenizer, tmp_path, monkeypatch, capsys):
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: no checkpoint")
 
 
+def test_chat_cli_bfloat16_weights(tiny_tokenizer, tmp_path, monkeypatch, capsys):
+    """--dtype bfloat16 (auto's choice on CUDA) loads the checkpoint's weights as bf16 and answers;
+    a memory made under it does not open under float32 (its model id names the dtype)."""
+    from nanochat.checkpoint_manager import save_checkpoint
+    from nanochat.common import main_guard, inference_dtype
+    from scripts import chat_cli
+    assert inference_dtype("auto", "cuda") == torch.bfloat16 and inference_dtype("auto", "cpu") == torch.float32
+    model = make_model(vocab=tiny_tokenizer.get_vocab_size(), seq=64)
+    run = str(tmp_path / "run")
+    save_checkpoint(run, 0, model)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", os.path.dirname(tiny_tokenizer.directory))
+    args = ["chat_cli", "--ckpt-dir", run, "--prompt", "Hi", "--max-tokens", "4", "--device", "cpu",
+            "--W", "48", "--memory", str(tmp_path / "mem")]
+    monkeypatch.setattr(sys, "argv", args + ["--dtype", "bfloat16"])
+    main_guard(chat_cli.main)
+    assert capsys.readouterr().out.strip()
+    s = MemorySession.open(model.to(torch.bfloat16), str(tmp_path / "mem"))
+    assert s.cache.k.dtype == torch.bfloat16 and s.num_tokens > 0
+    s.close()
+    monkeypatch.setattr(sys, "argv", args + ["--dtype", "float32"])
+    with pytest.raises(SystemExit) as e:
+        main_guard(chat_cli.main)
+    assert e.value.code == 2 and "model" in capsys.readouterr().err
+
+
 def test_compiled_decode_step_leaves_the_attention_gemvs_to_cublas():
     """decode="compiled": Inductor would fold decode_attention's single-query bmms into its own
     reduction loops (one program per head walking all keys, the pattern that made SDPA's kernel
