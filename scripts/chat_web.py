@@ -467,7 +467,9 @@ def create_app(models, tokenizer, data_dir, limits=None, model_name="nanochat", 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": srv.model_name, "megacontext": srv.megacontext, "workers": len(srv.workers),
-                "devices": [str(w.device) for w in srv.workers], "in_flight": srv.pending,
+                "devices": [str(w.device) for w in srv.workers],
+                "dtype": str(next(srv.workers[0].model.parameters()).dtype).removeprefix("torch."),
+                "in_flight": srv.pending,
                 "open_sessions": len(srv.cache), "limits": {f.name: getattr(L, f.name) for f in fields(L)}}
 
     @app.post("/api/conversations")

@@ -139,13 +139,14 @@ def test_document_and_restart_roundtrip(ckpt, tiny_tokenizer, tmp_path):
 
 
 def test_openai_client(ckpt, tiny_tokenizer, tmp_path):
-    """The official openai client against a real uvicorn server started by the script's CLI."""
+    """The official openai client against a real uvicorn server started by the script's CLI
+    (with bf16 weights, as on a GPU)."""
     openai = pytest.importorskip("openai")
     port = free_port()
     env = dict(os.environ, PYTHONPATH=ROOT, NANOCHAT_BASE_DIR=str(tmp_path))
     cmd = [sys.executable, "-m", "scripts.chat_web", "--ckpt-dir", ckpt, "--tokenizer-dir", tiny_tokenizer.directory,
            "--data-dir", str(tmp_path / "data"), "--port", str(port), "--device", "cpu", "--W", str(W),
-           "--log-level", "warning"]
+           "--log-level", "warning", "--dtype", "bfloat16"]  # what --dtype auto picks on CUDA
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -157,6 +158,7 @@ def test_openai_client(ckpt, tiny_tokenizer, tmp_path):
                 pass
             assert proc.poll() is None, proc.stdout.read().decode()
             time.sleep(0.1)
+        assert httpx.get(base + "/health").json()["dtype"] == "bfloat16"
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list()] == [os.path.basename(ckpt)]  # named after the run
         msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
