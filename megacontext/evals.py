@@ -6,6 +6,9 @@ Policies compared at the same budget W (entries):
 - "lens":     MegaContext, recency layout refocused by LensNet + the focus allocator (R rounds)
 - "recency":  MegaContext, recency layout, no refocus (gists, but no learned focus)
 - "random":   MegaContext, refocused with random scores (same allocator, same number of rounds)
+- "match":    MegaContext, refocused by the query-match feature alone (no learning: the bigrams
+              of the recent tokens against the history, gpt.query_match); LensNet reads the same
+              feature when config.lens_match is on
 - "oracle":   MegaContext, refocused with perfect scores: the entries that cover the answer's
               needle score high (task examples only). Its accuracy is the reader's with ideal
               focus, so lens < oracle is LensNet's miss and oracle < 1 is the reader's.
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 from megacontext.working_context import WorkingContext
 from megacontext.focus import lens_allocator
 from megacontext.mctrain import build_table, level_offsets
-from nanochat.gpt import lens_features
+from nanochat.gpt import lens_features, query_match, entry_match
 
 
 @torch.no_grad()
@@ -41,16 +44,41 @@ def entry_inputs(model, table, offs, wc):
     return model.add_level_embedding(table[src][None], lv[None])[0]
 
 
+def match_cumsum(hist, N, tail=32):
+    """query_match's prefix sums (1, N + 1) for one history of token ids hist[:N] (device tensor):
+    like the query, they do not change between refocus rounds."""
+    return query_match(hist[None, :N], torch.tensor([N], device=hist.device), min(tail, N))
+
+
+def wc_match(wc, cs):
+    """(E,) query-match mass under each entry of wc, from match_cumsum's prefix sums."""
+    return entry_match(cs, torch.as_tensor(wc.starts, device=cs.device)[None],
+                       torch.as_tensor(wc.widths, device=cs.device)[None])[0]
+
+
 @torch.no_grad()
-def lens_scores(model, table, offs, wc, query):
-    """query: LensNet's (1, t, D) queries (lens_query)."""
+def lens_scores(model, table, offs, wc, query, match_cs=None):
+    """query: LensNet's (1, t, D) queries (lens_query); match_cs: match_cumsum's prefix sums,
+    needed when the model reads the query-match feature (config.lens_match)."""
     N = wc.num_tokens
     lv = torch.as_tensor(wc.levels, device=table.device)[None]
     emb = entry_inputs(model, table, offs, wc)[None]
+    match = wc_match(wc, match_cs)[None] if model.config.lens_match else None
     feats = lens_features(torch.as_tensor(wc.starts, device=table.device)[None],
-                          torch.as_tensor(wc.widths, device=table.device)[None], N)
+                          torch.as_tensor(wc.widths, device=table.device)[None], N, match)
     s = model.lensnet(emb, lv, feats, query, torch.ones_like(lv, dtype=torch.bool))
     return s[0].float().cpu().numpy()
+
+
+def match_scores(wc, cs):
+    """The "match" policy: the query-match feature alone, no learning. A gist scores its
+    log-mass above the median gist's (so only outliers expand); a LOD0 entry scores its log-mass
+    - 0.1: unmatched ones slightly low, as in oracle_scores, so that they pay for expansions,
+    matched ones (a needle brought to LOD0) above 0, so that they stay."""
+    m = torch.log1p(wc_match(wc, cs)).float().cpu().numpy()
+    gist = wc.levels >= 1
+    med = np.median(m[gist]) if gist.any() else 0.0
+    return np.where(gist, m - med, m - 0.1)
 
 
 def _covers(wc, targets):
@@ -89,12 +117,14 @@ def lens_query(model, hist, N, tail=32):
     return model.lens_queries(torch.as_tensor(hist[max(0, N - model.lens_context(t)):N])[None], t)
 
 
-def focus(model, table, offs, N, W, policy, rounds=8, n_diff=4, rng=None, targets=None, trace=None, query=None):
-    """Build the working context for a policy ('lens' | 'recency' | 'random' | 'oracle'; the
-    oracle needs the target needles' token spans). trace: a dict that gets, with targets, the
+def focus(model, table, offs, N, W, policy, rounds=8, n_diff=4, rng=None, targets=None, trace=None, query=None,
+          match_cs=None):
+    """Build the working context for a policy ('lens' | 'recency' | 'random' | 'oracle' | 'match';
+    the oracle needs the target needles' token spans). trace: a dict that gets, with targets, the
     first round's needle_rank and the number of gists it ranked among (does the policy's
     scorer find the needle before the allocator acts?). query: LensNet's queries (lens_query),
-    needed by the "lens" policy."""
+    needed by the "lens" policy; match_cs: match_cumsum, needed by "match" (and by "lens" when
+    the model reads the query-match feature)."""
     c = model.config
     wc = WorkingContext.recency(N, c.mc_block_size, W, c.mc_max_level)
     if policy == "recency":
@@ -103,7 +133,9 @@ def focus(model, table, offs, N, W, policy, rounds=8, n_diff=4, rng=None, target
     edits = 0
     for r in range(rounds):
         if policy == "lens":
-            scores = lens_scores(model, table, offs, wc, query=query)
+            scores = lens_scores(model, table, offs, wc, query=query, match_cs=match_cs)
+        elif policy == "match":
+            scores = match_scores(wc, match_cs)
         elif policy == "oracle":
             scores = oracle_scores(wc, targets)
         else:
@@ -149,13 +181,15 @@ def eval_example(model, ids, N, cont, W, policies, rounds=8, rng=None, full_max=
     dev = next(model.parameters()).device
     out = {}
     hist = torch.as_tensor(np.asarray(ids[:N]), device=dev)
-    mc_pol = [p for p in policies if p in ("lens", "recency", "random") or (p == "oracle" and targets)]
+    mc_pol = [p for p in policies if p in ("lens", "recency", "random", "match") or (p == "oracle" and targets)]
     if mc_pol:
         table, offs = build_levels(model, hist)
         query = lens_query(model, hist, N) if "lens" in mc_pol else None
+        mcs = match_cumsum(hist, N) if "match" in mc_pol or ("lens" in mc_pol and model.config.lens_match) else None
         for p in mc_pol:
             trace = {}
-            wc, edits = focus(model, table, offs, N, W, p, rounds, rng=rng, targets=targets, trace=trace, query=query)
+            wc, edits = focus(model, table, offs, N, W, p, rounds, rng=rng, targets=targets, trace=trace, query=query,
+                              match_cs=mcs)
             emb = entry_inputs(model, table, offs, wc)
             pos, sig = _positions(model.config.pos_scheme, wc, len(cont), dev, N)
             nll, ok = score_continuation(model, emb, pos, sig, cont)

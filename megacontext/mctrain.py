@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from megacontext.working_context import WorkingContext
 from megacontext.focus import sample_working_contexts, pack_working_contexts, focus_on
-from nanochat.gpt import lens_features
+from nanochat.gpt import lens_features, query_match, entry_match
 
 
 def level_offsets(T, K, max_level):
@@ -256,7 +256,8 @@ class MCStep(nn.Module):
         bsrc = torch.arange(B, device=dev)[:, None] * T_tab + torch.tensor(offs, device=dev)[lv0] + bi
         base_emb = m.add_level_embedding(table[bsrc], bl).detach()
         starts = bi * (K ** lv0)
-        feats = lens_features(starts, (K ** lv0), N[:, None])
+        match = entry_match(query_match(ids, N, self.lens_tail), starts, K ** lv0) if m.config.lens_match else None
+        feats = lens_features(starts, (K ** lv0), N[:, None], match)
         ctx = m.lens_context(self.lens_tail)   # the tokens before N that LensNet's queries read
         recent = ids.gather(1, (N[:, None] - ctx + torch.arange(ctx, device=dev)[None]).clamp(min=0))
         tail_emb = m.lens_queries(recent, self.lens_tail)
@@ -340,6 +341,8 @@ class MCStep(nn.Module):
         if col:
             lens_loss = lens_loss + self.collapse_loss(scores, nll[B * nr: B * nr + B], nll[-B:], plan["collapse_at"], metrics)
         metrics["loss_lens"] = lens_loss.detach()
+        if hasattr(m.lensnet, "match_gain"):
+            metrics["lens_match_gain"] = m.lensnet.match_gain.detach().float()
 
         total = self.plain_weight * plain + self.mc_weight * mc_loss + self.lens_weight * lens_loss
         return total, metrics

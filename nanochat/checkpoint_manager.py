@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import atomic_torch_save, atomic_write_bytes, fail
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, GPTConfig, LENS_FEATURES
 
 
 def _gather(obj):
@@ -83,7 +83,16 @@ def build_model(ckpt, device, tokenizer=None, dtype=None):
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    sd = ckpt["model"]
+    w = sd.get("lensnet.feat.weight")
+    if w is not None and w.size(1) < LENS_FEATURES:
+        # a checkpoint from before the query-match feature: a zero column reads nothing, so the
+        # model computes exactly what it did (its config has lens_match off)
+        sd = {**sd, "lensnet.feat.weight": torch.nn.functional.pad(w, (0, LENS_FEATURES - w.size(1)))}
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:   # shape mismatches
+        fail(f"checkpoint does not match the model: {str(e).splitlines()[-1].strip()}")
     if missing or unexpected:
         fail(f"checkpoint does not match the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
     if dtype is not None:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from nanochat.common import fail, atomic_write_json, atomic_write_bytes, autocast_ctx, lock_dir
-from nanochat.gpt import KVCache, lens_features
+from nanochat.gpt import KVCache, lens_features, query_match, entry_match
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import WorkingContext
 from megacontext.focus import lens_allocator
@@ -586,7 +586,15 @@ class MemorySession:
         t = min(self.K, N)
         r = min(self.model.lens_context(t), N)
         recent = torch.from_numpy(self.tree.tokens(N - r, N).astype(np.int64))[None].to(dev)
-        feat = lens_features(torch.from_numpy(self.wc.starts)[None], torch.from_numpy(self.wc.widths)[None], N)
+        starts, widths = torch.from_numpy(self.wc.starts)[None].to(dev), torch.from_numpy(self.wc.widths)[None].to(dev)
+        match = None
+        if self.model.config.lens_match:
+            # the query-match feature reads the whole history's tokens: O(N) per refocus (a 4-byte
+            # read and t-1 compares per token, every K tokens), not O(W). A per-node bigram sketch
+            # in the tree would make it O(W); not built yet
+            hist = torch.from_numpy(self.tree.tokens(0, N).astype(np.int64))[None].to(dev)
+            match = entry_match(query_match(hist, torch.tensor([N], device=dev), t), starts, widths)
+        feat = lens_features(starts, widths, N, match)
         with self.autocast:
             scores = self.model.lensnet(self.emb[:E][None], torch.from_numpy(lv)[None].to(dev), feat.to(dev),
                                         self.model.lens_queries(recent, t), torch.ones(1, E, dtype=torch.bool, device=dev))

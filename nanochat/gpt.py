@@ -81,6 +81,7 @@ class GPTConfig:
     lens_query: str = "tokens"   # LensNet's queries: "tokens" (embeddings of the most recent tokens) or
                                  # "hidden" (the base model's final hidden states for them: GPT.lens_queries)
     lens_query_ctx: int = 256    # "hidden": the plain forward runs over this many most recent tokens
+    lens_match: bool = False     # LensNet also reads each entry's lexical match with its query (query_match)
     # MegaAttention (DESIGN section 7): local window of w entries + GistNet summaries of older blocks
     mega_attn_window: int = 0    # w in entries; 0 = off (plain causal attention over the window)
     mega_attn_impl: str = "auto" # "auto" (flex on CUDA, else sdpa), "sdpa" (dense mask), "flex"
@@ -460,17 +461,62 @@ class GistNet(nn.Module):
 # -----------------------------------------------------------------------------
 # LensNet: working-context entries + recent tail -> one signed score per entry
 
-LENS_FEATURES = 4  # per-entry features: log-age, log-width, relative position, is-tail
+LENS_FEATURES = 5  # per-entry features: log-age, log-width, relative position, is-tail, query match
 
 
-def lens_features(starts, widths, num_tokens):
+def lens_features(starts, widths, num_tokens, match=None):
     """Per-entry LensNet features from spans. starts, widths: (B, E) tensors; num_tokens: (B, 1)
-    or int. Scale-free (logs and ratios) so they stay in range at any history length."""
+    or int; match: (B, E) query-match mass under each entry (entry_match; None = 0, i.e.
+    config.lens_match off). Scale-free (logs and ratios) so they stay in range at any history
+    length."""
     starts, widths = starts.float(), widths.float()
     n = torch.as_tensor(num_tokens, dtype=torch.float32, device=starts.device)
     age = (n - (starts + widths)).clamp(min=0)
+    m = torch.zeros_like(starts) if match is None else torch.log1p(match.float())
     return torch.stack([torch.log1p(age) / 8.0, torch.log(widths) / 8.0,
-                        starts / n.clamp(min=1), torch.zeros_like(starts)], dim=-1)
+                        starts / n.clamp(min=1), torch.zeros_like(starts), m], dim=-1)
+
+
+MATCH_SPREAD = 8   # query_match: a matched bigram also marks this many tokens after it
+
+
+def query_match(ids, N, t):
+    """Lexical match of the history with LensNet's query (config.lens_match): the bigrams of
+    the t tokens before N[b] (the query LensNet reads) against every bigram that ends before
+    N[b] - t. ids (B, T) long, N (B,) long. Returns the prefix sums (B, T + 1) float of a
+    per-token mass: each occurrence of a distinct query bigram q gets 1/count(q), count(q)
+    being q's occurrences in the history, spread evenly over the bigram's two tokens and the
+    MATCH_SPREAD tokens after it. Each query bigram
+    spreads one unit over its occurrences, so a rare shared phrase ("the access code") weighs
+    and a common one ("= self") vanishes, whatever the phrasing: the signal LensNet could not
+    learn from 32:1 gists of phrasings it never saw (README, #4). Batched tensor ops only."""
+    B, T = ids.shape
+    if T < 2 or t < 2:   # no bigram in the history or in the query
+        return torch.zeros(B, T + 1, device=ids.device)
+    ids = ids.long()
+    h = (ids[:, :-1] << 20) | ids[:, 1:]                     # (B, T-1): the bigram ending at p = j+1
+    end = N.long()[:, None] - t + torch.arange(1, t, device=ids.device)[None]   # query bigram ends
+    hq = h.gather(1, (end - 1).clamp(0, max(T - 2, 0)))      # (B, t-1)
+    first = ~((hq[:, :, None] == hq[:, None, :]) & torch.ones(t - 1, t - 1, dtype=torch.bool,
+                                                               device=ids.device).tril(-1)).any(-1)
+    qv = first & (end >= 1) & (end < T)                       # distinct, real query bigrams
+    p = torch.arange(1, T, device=ids.device)[None]
+    hist = p < (N.long()[:, None] - t)
+    eq = (h[:, :, None] == hq[:, None, :]) & hist[:, :, None] & qv[:, None, :]   # (B, T-1, t-1)
+    w = 1.0 / eq.sum(1).clamp(min=1).float()                  # (B, t-1)
+    mass = F.pad(torch.bmm(eq.float(), w[:, :, None])[..., 0], (1, 0))   # (B, T): at the bigram's end
+    # each occurrence's unit is spread over the bigram and the MATCH_SPREAD tokens after it:
+    # where a phrase of the query recurs, what followed it (a passkey after "the access code
+    # is") is what the query asks for, and it may sit in the next block
+    S = MATCH_SPREAD
+    mass = F.conv1d(F.pad(mass, (S, 1))[:, None], torch.ones(1, 1, S + 2, device=ids.device))[:, 0] / (S + 2)
+    return F.pad(mass.cumsum(1), (1, 0))                      # (B, T+1): cs[i] = mass of tokens < i
+
+
+def entry_match(cs, starts, widths):
+    """Query-match mass under each entry from query_match's prefix sums: (B, E) float."""
+    starts = starts.long().clamp(0, cs.size(1) - 1)
+    return cs.gather(1, (starts + widths.long()).clamp(max=cs.size(1) - 1)) - cs.gather(1, starts)
 
 
 class LensNet(nn.Module):
@@ -483,6 +529,13 @@ class LensNet(nn.Module):
         self.blocks = nn.ModuleList([Block(d, _heads(d), _heads(d)) for _ in range(config.lens_layers)])
         self.head = nn.Linear(d, 1, bias=False)
         self.tail_level = config.mc_max_level + 1
+        if config.lens_match:
+            # the query-match feature is also a direct prior on the score: score = learned +
+            # match_gain * log1p(match). An H200 run that fed it only through self.feat learned the
+            # training phrasings' surface and still ranked a held-out needle below chance while the
+            # feature alone found it (README, #4); as a residual over the prior, the learned part
+            # corrects the feature instead of replacing it
+            self.match_gain = nn.Parameter(torch.ones(()))
 
     def forward(self, entry_emb, entry_level, entry_feat, tail_emb, valid):
         """entry_emb (B, E, D), entry_level (B, E) long, entry_feat (B, E, LENS_FEATURES),
@@ -501,6 +554,8 @@ class LensNet(nn.Module):
         for block in self.blocks:
             x = block(x, None, causal=False, attn_mask=mask)
         scores = self.head(norm(x[:, :E])).squeeze(-1).float()
+        if hasattr(self, "match_gain"):
+            scores = scores + self.match_gain.float() * entry_feat[..., 4].float()
         return torch.where(valid, scores, torch.zeros_like(scores))
 
 
@@ -556,6 +611,8 @@ class GPT(nn.Module):
             nn.init.normal_(l.level_emb.weight, std=0.02)
             nn.init.normal_(l.feat.weight, std=0.02)
             nn.init.zeros_(l.head.weight)
+            if hasattr(l, "match_gain"):
+                nn.init.ones_(l.match_gain)
             nn.init.zeros_(self.lod_emb.weight)
 
     # -- bookkeeping ----------------------------------------------------------

@@ -127,6 +127,7 @@ class TrainConfig:
     mc_probes: int = 4                # counterfactual expansions per context for LensNet
     mc_collapse_probes: bool = False  # + one collapse counterfactual per context (LensNet learns which LOD0 detail stays)
     mc_lens_query: str = "tokens"     # LensNet's queries: tokens (embeddings) | hidden (base-model states; GPTConfig.lens_query)
+    mc_lens_match: bool = False       # LensNet also reads each entry's lexical match with its query (GPTConfig.lens_match)
     mc_compile: str = "pieces"        # pieces | step: what torch.compile wraps on CUDA (megacontext/mctrain.py: compile_mc)
     mc_lambda: float = 0.01           # edit cost (nats) in LensNet's regularised argmin
     mc_weight: float = 0.1            # weight of the working-context horizon loss: its H tokens per row
@@ -188,7 +189,7 @@ def main():
                              n_head=n_head, n_kv_head=n_head // cfg.gqa_ratio, n_embd=n_embd,
                              megacontext=cfg.megacontext, mc_block_size=cfg.mc_block_size,
                              mc_max_level=cfg.mc_max_level, pos_scheme=cfg.mc_pos_scheme,
-                             lens_query=cfg.mc_lens_query)
+                             lens_query=cfg.mc_lens_query, lens_match=cfg.mc_lens_match)
     if cfg.megacontext:
         K, L = cfg.mc_block_size, cfg.mc_max_level
         if cfg.mc_context_len % (K ** L) or cfg.mc_context_len % cfg.max_seq_len:

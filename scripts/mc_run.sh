@@ -7,6 +7,7 @@
 #   NPROC=4 bash scripts/mc_run.sh            # MC training under torchrun on 4 GPUs, same global batch
 #   CONFIG=mc_cpu bash scripts/mc_run.sh      # a tiny CPU version
 #   TRAIN_ARGS="--mc-collapse-probes true" bash scripts/mc_run.sh   # extra base_train flags
+#   EVAL_ARGS="--n 50" bash scripts/mc_run.sh                       # extra mc_eval flags
 #
 # Outputs: $NANOCHAT_BASE_DIR/runs/<run>/ (checkpoint, summary.json, mc_eval/); with RESULTS_DIR
 # set, the small JSON results and logs are copied there too.
@@ -18,6 +19,7 @@ BUDGET="${BUDGET:-}"                      # minutes of MC training (default: the
 BENCH="${BENCH:-0}"                       # 1: also the MC-vs-plain throughput bench (~2 min; scripts/gpu_bench.sh has it)
 NPROC="${NPROC:-1}"                       # >1: train on NPROC GPUs (torchrun); each takes 1/NPROC of the contexts
 read -r -a TRAIN_ARGS <<< "${TRAIN_ARGS:-}"  # extra base_train flags, e.g. TRAIN_ARGS="--mc-collapse-probes true"
+read -r -a EVAL_ARGS <<< "${EVAL_ARGS:-}"    # extra mc_eval flags, e.g. EVAL_ARGS="--n 50"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}" PYTHONUNBUFFERED=1
 RESULTS_DIR="${RESULTS_DIR:-}"
 LOG="${RESULTS_DIR:-$(mktemp -d)}"   # logs stream straight into RESULTS_DIR when given
@@ -31,6 +33,7 @@ finish() {  # copy what exists, also after a failure
   mkdir -p "$RESULTS_DIR"
   cp "$d/summary.json" "$RESULTS_DIR/train_summary.json" 2>/dev/null || true
   cp "$d/mc_eval/mc_eval.json" "$RESULTS_DIR/mc_eval.json" 2>/dev/null || true
+  cp "$d"/mc_eval/*.png "$RESULTS_DIR/" 2>/dev/null || true
 }
 trap finish EXIT
 [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || { echo "mc_run: NPROC must be a positive integer, got '$NPROC'" >&2; exit 2; }
@@ -49,5 +52,5 @@ if [ "$CONFIG" = "mc_h100" ] && [ "$BENCH" = 1 ]; then  # the same shapes as the
 fi
 "$PY" -m scripts.tok_train --config "$CONFIG" 2>&1 | tee "$LOG/tok_train.log"
 "${LAUNCH[@]}" -m scripts.base_train --config "$CONFIG" "${SPLIT[@]}" ${BUDGET:+--time-budget-min "$BUDGET"} "${TRAIN_ARGS[@]}" 2>&1 | tee "$LOG/base_train.log"
-"$PY" -m scripts.mc_eval --config "$CONFIG" 2>&1 | tee "$LOG/mc_eval.log"
+"$PY" -m scripts.mc_eval --config "$CONFIG" "${EVAL_ARGS[@]}" 2>&1 | tee "$LOG/mc_eval.log"
 echo "mc_run: done in $(( $(date +%s) - t0 ))s"

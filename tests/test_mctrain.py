@@ -596,9 +596,9 @@ def test_lensnet_choice_is_among_the_trained_rows(monkeypatch):
 # ----------------------------------------------------------------------------- batched, no host syncs
 
 
-@pytest.mark.parametrize("collapse,query", [(False, "tokens"), (True, "tokens"), (False, "hidden")])
-def test_mc_step_has_no_host_sync_and_one_gistnet_call_per_level(monkeypatch, collapse, query):
-    model = mc_model(perturbed=True, lens_query=query)
+@pytest.mark.parametrize("collapse,query,match", [(False, "tokens", False), (True, "tokens", False), (False, "hidden", False), (False, "tokens", True)])
+def test_mc_step_has_no_host_sync_and_one_gistnet_call_per_level(monkeypatch, collapse, query, match):
+    model = mc_model(perturbed=True, lens_query=query, lens_match=match)
     step = MCStep(model, W, H)
     B = 3
     ids = torch.from_numpy(stream(np.random.default_rng(0), B, T))

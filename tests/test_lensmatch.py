@@ -1,0 +1,175 @@
+"""
+The query-match feature (GPTConfig.lens_match, gpt.query_match): each working-context entry's
+share of the rare bigrams that its history shares with LensNet's query (the recent tokens). One
+definition feeds training (MCStep), mc_eval (the "lens" and "match" policies) and MemorySession.
+"""
+import numpy as np
+import pytest
+import torch
+
+from nanochat.gpt import GPT, GPTConfig, query_match, entry_match, LENS_FEATURES, MATCH_SPREAD
+from nanochat.engine import MemorySession
+from nanochat.checkpoint_manager import build_model
+from megacontext.mctrain import MCStep, make_plan, level_offsets
+from megacontext.evals import eval_example, match_cumsum, wc_match
+from megacontext.working_context import WorkingContext
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
+V, K, L, T, W, H = 4096, 4, 2, 256, 32, 8
+
+
+def model(match=True, seed=0, vocab=V):
+    torch.manual_seed(seed)
+    m = GPT(GPTConfig(sequence_len=64, vocab_size=vocab, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, megacontext=True,
+                      mc_block_size=K, mc_max_level=L, gist_layers=1, lens_layers=1, lens_match=match))
+    m.init_weights()
+    with torch.no_grad():   # zero-init heads would make every score 0
+        for p in m.parameters():
+            if not p.any():
+                p.normal_(std=0.1)
+    return m
+
+
+def reference_mass(ids, N, t):
+    """query_match's per-token mass, the slow way: for each distinct query bigram, one unit split
+    over its occurrences that end before N - t, each share spread over the bigram's tokens and
+    the MATCH_SPREAD tokens after it."""
+    q = {(ids[j - 1], ids[j]) for j in range(max(N - t + 1, 1), N)}
+    occ = {b: [p for p in range(1, N - t) if (ids[p - 1], ids[p]) == b] for b in q}
+    mass = np.zeros(len(ids))
+    for b, ps in occ.items():
+        for p in ps:
+            span = np.arange(p - 1, p + MATCH_SPREAD + 1)
+            span = span[span < len(ids)]
+            mass[span] += 1.0 / len(ps) / (MATCH_SPREAD + 2)
+    return mass
+
+
+def test_query_match_equals_the_slow_definition():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 6, (3, 120))          # a tiny vocabulary: many repeated bigrams
+    N = np.array([120, 77, 40])
+    cs = query_match(torch.from_numpy(ids), torch.from_numpy(N), 8)
+    assert cs.shape == (3, 121)
+    for b in range(3):
+        mass = np.diff(cs[b].numpy())
+        np.testing.assert_allclose(mass, reference_mass(ids[b], N[b], 8), atol=1e-5)
+        assert mass[N[b] - 8 + MATCH_SPREAD:].sum() == 0, "the query's own bigrams are not matched"
+
+
+def planted(rng, n=600, at=137, phrase=(11, 22, 33, 44)):
+    """Random tokens with a phrase at `at` and again at the very end (the query)."""
+    ids = rng.integers(100, V, n)
+    ids[at:at + len(phrase)] = phrase
+    ids[n - len(phrase):] = phrase
+    return ids
+
+
+def test_a_phrase_shared_with_the_query_lights_up_the_entry_that_holds_it():
+    ids = planted(np.random.default_rng(1))
+    N = len(ids)
+    cs = match_cumsum(torch.from_numpy(ids), N)
+    wc = WorkingContext.recency(N, K, 64, L)
+    m = wc_match(wc, cs).numpy()
+    hit = (wc.starts < 137 + 4 + MATCH_SPREAD) & (wc.starts + wc.widths > 137)
+    assert m[hit].sum() == pytest.approx(3.0)    # three distinct bigrams, one occurrence each
+    assert m[~hit].sum() < 0.5, "random tokens share (almost) nothing with the query"
+    # common bigrams weigh little: the same phrase three times splits each bigram's unit
+    ids2 = ids.copy()
+    ids2[300:304] = ids2[450:454] = (11, 22, 33, 44)
+    m2 = np.diff(match_cumsum(torch.from_numpy(ids2), N).numpy()[0])
+    assert m2[137:141 + MATCH_SPREAD].sum() == pytest.approx(1.0)
+
+
+def test_lensnet_reads_the_feature_only_when_configured():
+    emb = torch.randn(1, 5, 64)
+    lv = torch.tensor([[2, 1, 1, 0, 0]])
+    tail = torch.randn(1, 3, 64)
+    valid = torch.ones(1, 5, dtype=torch.bool)
+    from nanochat.gpt import lens_features
+    s, w = torch.tensor([[0, 16, 20, 24, 25]]), torch.tensor([[16, 4, 4, 1, 1]])
+    lo, hi = torch.zeros(1, 5), torch.tensor([[0.0, 3.0, 0.0, 0.0, 0.0]])
+    f_lo, f_hi = lens_features(s, w, 26, lo), lens_features(s, w, 26, hi)
+    assert f_lo.shape[-1] == LENS_FEATURES and torch.equal(f_lo, lens_features(s, w, 26))
+    lens = model().lensnet
+    assert not torch.allclose(lens(emb, lv, f_hi, tail, valid), lens(emb, lv, f_lo, tail, valid))
+
+
+def test_training_eval_and_memory_session_compute_the_same_feature(tmp_path):
+    """The feature LensNet learns from in MCStep is the one mc_eval and MemorySession hand it."""
+    m = model()
+    ids = planted(np.random.default_rng(2), n=T, at=60)
+    N = T - H
+    ids[N - 4:N] = (11, 22, 33, 44)               # the query: the tokens before the cut
+    seen = []
+    orig = m.lensnet.forward
+    m.lensnet.forward = lambda emb, lv, feat, tail, valid: seen.append((lv.clone(), feat.clone())) or orig(emb, lv, feat, tail, valid)
+    plan = make_plan(np.array([N]), T, K, W, H, L, 1, np.random.default_rng(0))
+    step = MCStep(m, W, H, n_random=1)
+    step(torch.from_numpy(ids)[None], torch.tensor([N]), {k: torch.from_numpy(v) for k, v in plan.items()}, None, None)
+    (lv, feat), = seen
+    n = int(plan["base_lengths"][0])
+    base = WorkingContext(K, W=W, max_level=L, levels=plan["base_levels"][0, :n], indices=plan["base_indices"][0, :n])
+    ref = torch.log1p(wc_match(base, match_cumsum(torch.from_numpy(ids), N)))
+    torch.testing.assert_close(feat[0, :n, 4], ref.float())
+    assert feat[0, :n, 4].max() > 1.0, "the planted phrase is matched in training"
+
+    # MemorySession over the same history [0, N): the same feature for its own window
+    seen.clear()
+    m.eval()
+    s = MemorySession(m, W=W, path=str(tmp_path / "mem"))
+    s.ingest(ids[:N])
+    wc = s.wc.copy()                              # refocus edits s.wc after LensNet has scored it
+    s.refocus()
+    (lv, feat), = seen
+    assert np.array_equal(lv[0].numpy(), wc.levels)
+    ref = torch.log1p(wc_match(wc, query_match(torch.from_numpy(ids[:N])[None], torch.tensor([N]), K)))
+    torch.testing.assert_close(feat[0, :, 4], ref.float())
+    s.close()
+
+
+def test_the_match_policy_brings_a_planted_needle_to_full_detail():
+    m = model(match=False).eval()                 # no learning: the policy reads the feature alone
+    rng = np.random.default_rng(3)
+    hits = 0
+    for i in range(4):
+        N = 384
+        ids = rng.integers(100, V, N + 4)
+        at = int(rng.integers(16, 300))
+        ids[at:at + 4] = (11, 22, 33, 44)
+        ids[N - 4:N] = (11, 22, 33, 44)
+        r = eval_example(m, ids, N, ids[N:N + 4], 48, ["match", "recency"], rounds=8, rng=rng, targets=[(at, at + 4)])
+        hits += r["match"]["needle_at_lod0"]
+        assert not r["recency"]["needle_at_lod0"]
+    assert hits == 4
+
+
+def test_a_checkpoint_from_before_the_feature_loads_and_scores_as_before():
+    m = model(match=False)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    sd["lensnet.feat.weight"] = sd["lensnet.feat.weight"][:, :4]   # the 4-feature LensNet
+    cfg = {k: v for k, v in m.config.to_dict().items() if k != "lens_match"}
+    m2 = build_model({"model": sd, "model_config": cfg}, torch.device("cpu"))
+    assert not m2.config.lens_match
+    torch.testing.assert_close(m2.lensnet.feat.weight[:, 4], torch.zeros(m2.config.lens_dim))
+    torch.testing.assert_close(m2.lensnet.feat.weight[:, :4], m.lensnet.feat.weight[:, :4])
+
+
+def test_the_feature_is_a_prior_on_the_score_that_training_can_reweigh():
+    """score = learned + match_gain * log1p(match): at init (zero head) the score is the prior."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(sequence_len=64, vocab_size=V, n_layer=1, n_head=2, n_kv_head=2, n_embd=64, megacontext=True,
+                      mc_block_size=K, mc_max_level=L, gist_layers=1, lens_layers=1, lens_match=True))
+    m.init_weights()
+    from nanochat.gpt import lens_features
+    s, w = torch.tensor([[0, 16, 20, 24, 25]]), torch.tensor([[16, 4, 4, 1, 1]])
+    match = torch.tensor([[0.0, 3.0, 0.5, 0.0, 1.0]])
+    feat = lens_features(s, w, 26, match)
+    lv = torch.tensor([[2, 1, 1, 0, 0]])
+    scores = m.lensnet(torch.randn(1, 5, 64), lv, feat, torch.randn(1, 3, 64), torch.ones(1, 5, dtype=torch.bool))
+    torch.testing.assert_close(scores, torch.log1p(match))
+    scores.sum().backward()
+    assert m.lensnet.match_gain.grad is not None and m.lensnet.match_gain.grad != 0
+    _, groups = m.param_groups()
+    assert any(p is m.lensnet.match_gain for p in groups["other"]), "the gain is trained (AdamW)"
+    assert not hasattr(model(match=False).lensnet, "match_gain")
