@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from megacontext.working_context import WorkingContext
-from megacontext.focus import lens_allocator
+from megacontext.focus import lens_allocator, match_scores
 from megacontext.mctrain import build_table, level_offsets
 from nanochat.gpt import lens_features, query_match, entry_match
 
@@ -68,17 +68,6 @@ def lens_scores(model, table, offs, wc, query, match_cs=None):
                           torch.as_tensor(wc.widths, device=table.device)[None], N, match)
     s = model.lensnet(emb, lv, feats, query, torch.ones_like(lv, dtype=torch.bool))
     return s[0].float().cpu().numpy()
-
-
-def match_scores(wc, cs):
-    """The "match" policy: the query-match feature alone, no learning. A gist scores its
-    log-mass above the median gist's (so only outliers expand); a LOD0 entry scores its log-mass
-    - 0.1: unmatched ones slightly low, as in oracle_scores, so that they pay for expansions,
-    matched ones (a needle brought to LOD0) above 0, so that they stay."""
-    m = torch.log1p(wc_match(wc, cs)).float().cpu().numpy()
-    gist = wc.levels >= 1
-    med = np.median(m[gist]) if gist.any() else 0.0
-    return np.where(gist, m - med, m - 0.1)
 
 
 def _covers(wc, targets):
@@ -135,7 +124,7 @@ def focus(model, table, offs, N, W, policy, rounds=8, n_diff=4, rng=None, target
         if policy == "lens":
             scores = lens_scores(model, table, offs, wc, query=query, match_cs=match_cs)
         elif policy == "match":
-            scores = match_scores(wc, match_cs)
+            scores = match_scores(wc.levels, wc_match(wc, match_cs).cpu().numpy())
         elif policy == "oracle":
             scores = oracle_scores(wc, targets)
         else:

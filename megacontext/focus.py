@@ -159,6 +159,21 @@ class FocusAllocator:
                 "len": len(wc), "step": step, "ms": (time.perf_counter() - t0) * 1e3}
 
 
+FOCUS_POLICIES = ("lens", "match")   # MemorySession(focus=...): who scores the entries at refocus
+
+
+def match_scores(levels, mass):
+    """The "match" focus policy: the query-match feature alone (gpt.query_match), no learning.
+    levels, mass (E,) numpy: each entry's level and query-match mass. A gist scores its log-mass
+    above the median gist's, so only outliers expand; a LOD0 entry scores its log-mass - 0.1:
+    unmatched ones slightly low (they pay for expansions, as in the evals' oracle), matched ones
+    (a needle brought to LOD0) above 0, so that they stay."""
+    m = np.log1p(np.asarray(mass, np.float64))
+    gist = np.asarray(levels) >= 1
+    med = np.median(m[gist]) if gist.any() else 0.0
+    return np.where(gist, m - med, m - 0.1)
+
+
 def lens_allocator(n_diff=4, hysteresis=2):
     """The allocator the MC paths (MemorySession, mc_eval) drive with LensNet's scores: collapses
     only pay for expansions, and found detail keeps the score that expanded it."""

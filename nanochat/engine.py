@@ -43,7 +43,7 @@ from nanochat.common import fail, atomic_write_json, atomic_write_bytes, autocas
 from nanochat.gpt import KVCache, lens_features, query_match, entry_match
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import WorkingContext
-from megacontext.focus import lens_allocator
+from megacontext.focus import lens_allocator, match_scores, FOCUS_POLICIES
 
 
 @torch.no_grad()
@@ -297,11 +297,13 @@ class MemorySession:
     ingest_chunk = 16384  # tokens per tree append during ingest (one progress callback each)
 
     def __init__(self, model, W=None, path=None, model_id=None, autocast=None, n_diff=4, tail=None, durable=False,
-                 decode="static"):
+                 decode="static", focus="lens"):
         """decode: "static" = one-entry forwards (every generated token) go through a DecodeStep
-        (a CUDA graph on CUDA), "compiled" and "dynamic" as in Engine."""
+        (a CUDA graph on CUDA), "compiled" and "dynamic" as in Engine. focus: who scores the
+        entries at refocus, "lens" (LensNet) or "match" (the query-match feature alone:
+        focus.match_scores; README, Results: it finds a needle in a phrasing LensNet never saw)."""
         c = model.config
-        self._setup(model, model_id, autocast, path, decode)
+        self._setup(model, model_id, autocast, path, decode, focus)
         if path is not None and os.path.exists(os.path.join(path, STATE_FILE)):
             fail(f"{path} already holds a memory; reopen it with MemorySession.open")
         if self.mc:
@@ -318,7 +320,7 @@ class MemorySession:
         self.save()
 
     @classmethod
-    def open(cls, model, path, model_id=None, autocast=None, durable=False, decode="static"):
+    def open(cls, model, path, model_id=None, autocast=None, durable=False, decode="static", focus="lens"):
         """Reopen a memory that save() wrote: tree files + session.json. Another model -> UserError."""
         sp = os.path.join(path, STATE_FILE)
         if not os.path.isfile(sp):
@@ -330,7 +332,7 @@ class MemorySession:
         except Exception as e:
             fail(f"corrupt memory state {sp}: {type(e).__name__}: {e}")
         self = cls.__new__(cls)
-        self._setup(model, model_id, autocast, path, decode)
+        self._setup(model, model_id, autocast, path, decode, focus)
         if state.get("model_id") != self.model_id:
             fail(f"memory at {path} was made by model {state.get('model_id')!r}, not by this one "
                  f"({self.model_id!r}); its gists do not fit this model")
@@ -360,8 +362,11 @@ class MemorySession:
         self.counters.update(state.get("counters", {}))
         return self
 
-    def _setup(self, model, model_id, autocast, path, decode):
+    def _setup(self, model, model_id, autocast, path, decode, focus):
         self.decode = _check_decode(decode)
+        if focus not in FOCUS_POLICIES:
+            fail(f"focus must be one of {', '.join(FOCUS_POLICIES)}, got {focus!r}")
+        self.focus_by = focus
         self.model, self.config, self.path = model, model.config, path
         self.mc = bool(model.config.megacontext)
         self.K = model.config.mc_block_size
@@ -588,17 +593,20 @@ class MemorySession:
         recent = torch.from_numpy(self.tree.tokens(N - r, N).astype(np.int64))[None].to(dev)
         starts, widths = torch.from_numpy(self.wc.starts)[None].to(dev), torch.from_numpy(self.wc.widths)[None].to(dev)
         match = None
-        if self.model.config.lens_match:
+        if self.model.config.lens_match or self.focus_by == "match":
             # the query-match feature reads the whole history's tokens: O(N) per refocus (a 4-byte
             # read and t-1 compares per token, every K tokens), not O(W). A per-node bigram sketch
             # in the tree would make it O(W); not built yet
             hist = torch.from_numpy(self.tree.tokens(0, N).astype(np.int64))[None].to(dev)
             match = entry_match(query_match(hist, torch.tensor([N], device=dev), t), starts, widths)
-        feat = lens_features(starts, widths, N, match)
-        with self.autocast:
-            scores = self.model.lensnet(self.emb[:E][None], torch.from_numpy(lv)[None].to(dev), feat.to(dev),
-                                        self.model.lens_queries(recent, t), torch.ones(1, E, dtype=torch.bool, device=dev))
-        scores = scores[0].float().cpu().numpy()
+        if self.focus_by == "match":
+            scores = match_scores(lv, match[0].float().cpu().numpy())
+        else:
+            feat = lens_features(starts, widths, N, match)
+            with self.autocast:
+                scores = self.model.lensnet(self.emb[:E][None], torch.from_numpy(lv)[None].to(dev), feat.to(dev),
+                                            self.model.lens_queries(recent, t), torch.ones(1, E, dtype=torch.bool, device=dev))
+            scores = scores[0].float().cpu().numpy()
         lens_ms = (time.perf_counter() - t0) * 1e3
         tel = self.focus.refocus(self.wc, scores)
         tel["alloc_ms"] = tel.pop("ms")

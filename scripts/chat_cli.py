@@ -24,6 +24,7 @@ from nanochat.common import main_guard, fail, get_base_dir, autodetect_device_ty
 from nanochat.checkpoint_manager import load_checkpoint, build_model
 from nanochat.tokenizer import get_tokenizer
 from nanochat.engine import MemorySession, STATE_FILE
+from megacontext.focus import FOCUS_POLICIES
 
 
 def reply(session, tok, ids, args):
@@ -63,6 +64,8 @@ def main():
     ap.add_argument("--top-k", type=int, default=50)
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--W", type=int, default=None, help="working-context budget (default: the model's sequence_len)")
+    ap.add_argument("--focus", default="lens", choices=FOCUS_POLICIES,
+                    help="who scores the memory at refocus: lens (LensNet) or match (the query's rare bigrams found in memory)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--raw", action="store_true", help="base models: continue the prompt as plain text (no chat turns)")
     ap.add_argument("--device", default=None, help="cuda | cpu | mps (default: autodetect)")
@@ -86,10 +89,10 @@ def main():
     autocast = autocast_ctx(device_type)
 
     if args.memory and os.path.exists(os.path.join(args.memory, STATE_FILE)):
-        session = MemorySession.open(model, args.memory, autocast=autocast)
+        session = MemorySession.open(model, args.memory, autocast=autocast, focus=args.focus)
         print(f"[memory] reopened {args.memory}: {session.num_tokens} tokens", file=sys.stderr)
     else:
-        session = MemorySession(model, W=args.W, path=args.memory, autocast=autocast)
+        session = MemorySession(model, W=args.W, path=args.memory, autocast=autocast, focus=args.focus)
     try:
         if args.load_file:
             try:

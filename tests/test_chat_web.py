@@ -138,6 +138,27 @@ def test_document_and_restart_roundtrip(ckpt, tiny_tokenizer, tmp_path):
         assert "gamma" in tiny_tokenizer.decode(a.tree.tokens(0, a.num_tokens).tolist())
 
 
+def test_focus_by_match_for_new_and_reopened_conversations(ckpt, tiny_tokenizer, tmp_path, monkeypatch):
+    """chat_web --focus match: every session the server makes or reopens refocuses by match."""
+    seen = []
+    orig = MemorySession.refocus
+    monkeypatch.setattr(MemorySession, "refocus", lambda self: seen.append(self.focus_by) or orig(self))
+
+    def app():
+        ck = load_checkpoint(ckpt)
+        return create_app([build_model(ck, torch.device("cpu"), tiny_tokenizer)], tiny_tokenizer, str(tmp_path),
+                          Limits(), model_name="tiny", session_kw={"W": W, "focus": "match"})
+    with TestClient(app()) as c:
+        cid = c.post("/api/conversations", json={}).json()["id"]
+        r = c.post(f"/api/conversations/{cid}/documents", json={"text": synthetic_document(800), "name": "a.txt"})
+        assert r.status_code == 200, r.text
+        chat(c, cid, "What was in it?", max_tokens=40)
+    n = len(seen)
+    with TestClient(app()) as c:   # a restart: the conversation reopens from disk
+        chat(c, cid, "And again?", max_tokens=40)
+    assert 0 < n < len(seen) and set(seen) == {"match"}
+
+
 def test_openai_client(ckpt, tiny_tokenizer, tmp_path):
     """The official openai client against a real uvicorn server started by the script's CLI
     (with bf16 weights, as on a GPU)."""

@@ -173,3 +173,25 @@ def test_the_feature_is_a_prior_on_the_score_that_training_can_reweigh():
     _, groups = m.param_groups()
     assert any(p is m.lensnet.match_gain for p in groups["other"]), "the gain is trained (AdamW)"
     assert not hasattr(model(match=False).lensnet, "match_gain")
+
+
+def test_memory_session_focus_by_match_brings_the_planted_phrase_to_full_detail(tmp_path):
+    from nanochat.common import UserError
+    m = model(match=False).eval()
+    ids = planted(np.random.default_rng(4), n=384, at=101)
+    s = MemorySession(m, W=48, path=str(tmp_path / "mem"), focus="match")
+    calls = []
+    m.lensnet.forward = lambda *a: calls.append(1)   # "match" never asks LensNet
+    s.ingest(ids)
+    for _ in range(6):
+        s.refocus()
+    lod0 = s.wc.starts[s.wc.levels == 0]
+    assert all(p in lod0 for p in range(101, 105)), "the phrase shared with the query is at LOD0"
+    assert calls == []
+    s.save()
+    s.close()
+    s = MemorySession.open(m, str(tmp_path / "mem"), focus="match")
+    assert s.focus_by == "match"
+    s.close()
+    with pytest.raises(UserError, match="focus"):
+        MemorySession(m, W=48, focus="oracle")
