@@ -9,6 +9,8 @@ Policies compared at the same budget W (entries):
 - "match":    MegaContext, refocused by the query-match feature alone (no learning: the bigrams
               of the recent tokens against the history, gpt.query_match); LensNet reads the same
               feature when config.lens_match is on
+- "match_top": the same, but only gists with at least half the best gist's match mass expand
+- "union":    max(lens, match_top) per entry: what either scorer wants expanded
 - "oracle":   MegaContext, refocused with perfect scores: the entries that cover the answer's
               needle score high (task examples only). Its accuracy is the reader's with ideal
               focus, so lens < oracle is LensNet's miss and oracle < 1 is the reader's.
@@ -26,6 +28,9 @@ from megacontext.working_context import WorkingContext
 from megacontext.focus import lens_allocator, match_scores
 from megacontext.mctrain import build_table, level_offsets
 from nanochat.gpt import lens_features, query_match, entry_match
+
+
+MC_POLICIES = ("lens", "recency", "random", "match", "match_top", "union")   # + "oracle" (needs targets)
 
 
 @torch.no_grad()
@@ -108,12 +113,12 @@ def lens_query(model, hist, N, tail=32):
 
 def focus(model, table, offs, N, W, policy, rounds=8, n_diff=4, rng=None, targets=None, trace=None, query=None,
           match_cs=None):
-    """Build the working context for a policy ('lens' | 'recency' | 'random' | 'oracle' | 'match';
+    """Build the working context for a policy (MC_POLICIES or 'oracle';
     the oracle needs the target needles' token spans). trace: a dict that gets, with targets, the
     first round's needle_rank and the number of gists it ranked among (does the policy's
     scorer find the needle before the allocator acts?). query: LensNet's queries (lens_query),
-    needed by the "lens" policy; match_cs: match_cumsum, needed by "match" (and by "lens" when
-    the model reads the query-match feature)."""
+    needed by "lens" and "union"; match_cs: match_cumsum, needed by the match policies (and by
+    "lens" when the model reads the query-match feature)."""
     c = model.config
     wc = WorkingContext.recency(N, c.mc_block_size, W, c.mc_max_level)
     if policy == "recency":
@@ -123,8 +128,10 @@ def focus(model, table, offs, N, W, policy, rounds=8, n_diff=4, rng=None, target
     for r in range(rounds):
         if policy == "lens":
             scores = lens_scores(model, table, offs, wc, query=query, match_cs=match_cs)
-        elif policy == "match":
-            scores = match_scores(wc.levels, wc_match(wc, match_cs).cpu().numpy())
+        elif policy in ("match", "match_top", "union"):
+            scores = match_scores(wc, wc_match(wc, match_cs).cpu().numpy(), top=0.0 if policy == "match" else 0.5)
+            if policy == "union":   # what either LensNet or match_top wants: max of the two scores
+                scores = np.maximum(scores, lens_scores(model, table, offs, wc, query=query, match_cs=match_cs))
         elif policy == "oracle":
             scores = oracle_scores(wc, targets)
         else:
@@ -170,11 +177,11 @@ def eval_example(model, ids, N, cont, W, policies, rounds=8, rng=None, full_max=
     dev = next(model.parameters()).device
     out = {}
     hist = torch.as_tensor(np.asarray(ids[:N]), device=dev)
-    mc_pol = [p for p in policies if p in ("lens", "recency", "random", "match") or (p == "oracle" and targets)]
+    mc_pol = [p for p in policies if p in MC_POLICIES or (p == "oracle" and targets)]
     if mc_pol:
         table, offs = build_levels(model, hist)
-        query = lens_query(model, hist, N) if "lens" in mc_pol else None
-        mcs = match_cumsum(hist, N) if "match" in mc_pol or ("lens" in mc_pol and model.config.lens_match) else None
+        query = lens_query(model, hist, N) if {"lens", "union"} & set(mc_pol) else None
+        mcs = match_cumsum(hist, N) if {"match", "match_top", "union"} & set(mc_pol) or model.config.lens_match else None
         for p in mc_pol:
             trace = {}
             wc, edits = focus(model, table, offs, N, W, p, rounds, rng=rng, targets=targets, trace=trace, query=query,

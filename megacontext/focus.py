@@ -162,16 +162,26 @@ class FocusAllocator:
 FOCUS_POLICIES = ("lens", "match")   # MemorySession(focus=...): who scores the entries at refocus
 
 
-def match_scores(levels, mass):
+def match_scores(wc, mass, top=0.0):
     """The "match" focus policy: the query-match feature alone (gpt.query_match), no learning.
-    levels, mass (E,) numpy: each entry's level and query-match mass. A gist scores its log-mass
-    above the median gist's, so only outliers expand; a LOD0 entry scores its log-mass - 0.1:
-    unmatched ones slightly low (they pay for expansions, as in the evals' oracle), matched ones
-    (a needle brought to LOD0) above 0, so that they stay."""
-    m = np.log1p(np.asarray(mass, np.float64))
-    gist = np.asarray(levels) >= 1
-    med = np.median(m[gist]) if gist.any() else 0.0
-    return np.where(gist, m - med, m - 0.1)
+    wc: the WorkingContext; mass (E,) numpy: each entry's query-match mass. A gist scores its
+    log-mass above the median gist's, so only outliers expand; with top > 0, also above
+    log1p(top x the best-matched span's mass), the span being a gist or a K-group of LOD0 tokens
+    (a needle already expanded), so that only the best-matched spans expand: a multi-key question
+    shares its phrase with every needle, but its key with one. A LOD0 entry scores its log-mass
+    - 0.1: unmatched ones slightly low (they pay for expansions, as in the evals' oracle), matched
+    ones (a needle brought to LOD0) above 0, so that they stay."""
+    mass = np.asarray(mass, np.float64)
+    m = np.log1p(mass)
+    gist = wc.levels >= 1
+    ref = np.median(m[gist]) if gist.any() else 0.0
+    if top > 0 and len(wc):
+        best = mass[gist].max() if gist.any() else 0.0
+        g = wc.indices[~gist] // wc.K
+        if len(g):
+            best = max(best, np.bincount(g - g.min(), weights=mass[~gist]).max())
+        ref = max(ref, float(np.log1p(top * best)))
+    return np.where(gist, m - ref, m - 0.1)
 
 
 def lens_allocator(n_diff=4, hysteresis=2):

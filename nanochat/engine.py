@@ -600,7 +600,7 @@ class MemorySession:
             hist = torch.from_numpy(self.tree.tokens(0, N).astype(np.int64))[None].to(dev)
             match = entry_match(query_match(hist, torch.tensor([N], device=dev), t), starts, widths)
         if self.focus_by == "match":
-            scores = match_scores(lv, match[0].float().cpu().numpy())
+            scores = match_scores(self.wc, match[0].float().cpu().numpy())
         else:
             feat = lens_features(starts, widths, N, match)
             with self.autocast:

@@ -67,7 +67,7 @@ def plot(results, out_dir, W):
         return []
     paths = []
     train_fmt = results.get("accuracy_train_phrasing") or {}
-    colors = {p: f"C{i}" for i, p in enumerate(("lens", "recency", "random", "window", "full", "oracle", "match"))}
+    colors = {p: f"C{i}" for i, p in enumerate(("lens", "recency", "random", "window", "full", "oracle", "match", "match_top", "union"))}
     for task, by_len in results["accuracy"].items():
         # held-out phrasing (the claim) and, when scored, a training phrasing with eval seeds
         # beside it: "not learned" and "not transferred" look different

@@ -195,3 +195,41 @@ def test_memory_session_focus_by_match_brings_the_planted_phrase_to_full_detail(
     s.close()
     with pytest.raises(UserError, match="focus"):
         MemorySession(m, W=48, focus="oracle")
+
+
+def test_match_top_expands_the_needle_with_the_querys_key_and_not_the_distractor():
+    """A multi-key question shares its phrase with every needle and its key with one: "match"
+    expands both needles, "match_top" (half the best gist's mass) only the one with the key;
+    "union" takes what LensNet or match_top wants."""
+    from megacontext.focus import match_scores
+    wc = WorkingContext(4, W=8, max_level=2, levels=np.array([2, 1, 1, 1, 0, 0, 0, 0]),
+                        indices=np.array([0, 4, 5, 6, 28, 29, 30, 31]))
+    mass = np.array([0.2, 4.0, 1.0, 0.0, 0.3, 0.0, 0.0, 0.0])
+    plain, top = match_scores(wc, mass), match_scores(wc, mass, top=0.5)
+    assert plain[1] > 0 and plain[2] > 0 and top[1] > 0 and top[2] < 0
+    np.testing.assert_allclose(plain[4:], np.log1p(mass[4:]) - 0.1)   # LOD0 entries: the same in both
+    # a LOD0 group that matches best (a needle already expanded) sets the bar for the gists
+    lod0 = WorkingContext(4, W=8, max_level=2, levels=np.array([1, 1, 0, 0, 0, 0]), indices=np.array([0, 1, 8, 9, 10, 11]))
+    s0 = match_scores(lod0, np.array([1.0, 0.0, 1.0, 1.0, 1.0, 1.0]), top=0.5)
+    assert s0[0] < 0 and match_scores(lod0, np.array([1.0, 0.0, 1.0, 1.0, 1.0, 1.0]))[0] > 0
+    np.testing.assert_allclose(top[4:], plain[4:])
+    m = model(match=False).eval()
+    rng = np.random.default_rng(5)
+    phrase, key = (11, 22, 33), (44, 55)
+    N = 384
+    ids = rng.integers(100, V, N + 4)
+    ids[70:73] = phrase                       # the distractor: the phrase with another key
+    ids[73:75] = (66, 77)
+    ids[200:203] = phrase                     # the needle
+    ids[203:205] = key
+    ids[N - 5:N] = phrase + key
+    r = eval_example(m, ids, N, ids[N:N + 4], 64, ["match", "match_top", "union"], rounds=8, rng=rng,
+                     targets=[(200, 205)])
+    assert r["match"]["needle_at_lod0"] and r["match_top"]["needle_at_lod0"] and "needle_at_lod0" in r["union"]
+    from megacontext.evals import build_levels, focus, match_cumsum as mc
+    hist = torch.from_numpy(ids[:N])
+    table, offs = build_levels(m, hist)
+    for p, want in (("match", True), ("match_top", False)):
+        wc, _ = focus(m, table, offs, N, 64, p, 8, rng=rng, match_cs=mc(hist, N))
+        distractor_at_lod0 = all(q in set(wc.starts[wc.levels == 0].tolist()) for q in range(70, 75))
+        assert distractor_at_lod0 == want, p
