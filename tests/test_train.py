@@ -379,3 +379,19 @@ def test_eager_restores_compiled_forwards():
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--ddp-muon-worker"]:
     ddp_muon_worker(sys.argv[2])
+
+
+def test_the_time_budget_clock_leaves_out_evals_and_checkpoints(monkeypatch):
+    import scripts.base_train as bt
+    now = [100.0]
+    monkeypatch.setattr(bt.time, "time", lambda: now[0])
+    clock = bt.BudgetClock()
+    now[0] += 10                      # training
+    clock.pause()
+    now[0] += 50                      # an eval
+    assert clock.elapsed() == 10
+    clock.pause()                     # idempotent
+    clock.resume()
+    now[0] += 5
+    clock.resume()
+    assert clock.elapsed() == 15
