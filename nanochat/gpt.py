@@ -478,18 +478,19 @@ def lens_features(starts, widths, num_tokens, match=None):
 
 
 MATCH_SPREAD = 8   # query_match: a matched bigram also marks this many tokens after it
+MATCH_CHUNK = 1 << 16   # query_match: history bigrams compared per chunk
 
 
 def query_match(ids, N, t):
     """Lexical match of the history with LensNet's query (config.lens_match): the bigrams of
     the t tokens before N[b] (the query LensNet reads) against every bigram that ends before
     N[b] - t. ids (B, T) long, N (B,) long. Returns the prefix sums (B, T + 1) float of a
-    per-token mass: each occurrence of a distinct query bigram q gets 1/count(q), count(q)
-    being q's occurrences in the history, spread evenly over the bigram's two tokens and the
-    MATCH_SPREAD tokens after it. Each query bigram
-    spreads one unit over its occurrences, so a rare shared phrase ("the access code") weighs
-    and a common one ("= self") vanishes, whatever the phrasing: the signal LensNet could not
-    learn from 32:1 gists of phrasings it never saw (README, #4). Batched tensor ops only."""
+    per-token mass: each distinct query bigram q spreads one unit over its count(q) occurrences
+    in the history, each share spread evenly over the bigram's two tokens and the MATCH_SPREAD
+    tokens after it. So a rare shared phrase ("the access code") weighs and a common one
+    ("= self") vanishes, whatever the phrasing: the signal LensNet could not learn from 32:1
+    gists of phrasings it never saw (README, #4). Batched tensor ops only; the history is
+    compared in chunks of MATCH_CHUNK bigrams, so a 1M-token history needs no 1M x t buffer."""
     B, T = ids.shape
     if T < 2 or t < 2:   # no bigram in the history or in the query
         return torch.zeros(B, T + 1, device=ids.device)
@@ -500,11 +501,14 @@ def query_match(ids, N, t):
     first = ~((hq[:, :, None] == hq[:, None, :]) & torch.ones(t - 1, t - 1, dtype=torch.bool,
                                                                device=ids.device).tril(-1)).any(-1)
     qv = first & (end >= 1) & (end < T)                       # distinct, real query bigrams
-    p = torch.arange(1, T, device=ids.device)[None]
-    hist = p < (N.long()[:, None] - t)
-    eq = (h[:, :, None] == hq[:, None, :]) & hist[:, :, None] & qv[:, None, :]   # (B, T-1, t-1)
-    w = 1.0 / eq.sum(1).clamp(min=1).float()                  # (B, t-1)
-    mass = F.pad(torch.bmm(eq.float(), w[:, :, None])[..., 0], (1, 0))   # (B, T): at the bigram's end
+    hist = torch.arange(1, T, device=ids.device)[None] < (N.long()[:, None] - t)
+
+    def eq(a):   # (B, c, t-1): which query bigram each history bigram a .. a+c-1 equals
+        return (h[:, a:a + MATCH_CHUNK, None] == hq[:, None, :]) & hist[:, a:a + MATCH_CHUNK, None] & qv[:, None, :]
+    chunks = range(0, T - 1, MATCH_CHUNK)
+    w = 1.0 / sum(eq(a).sum(1) for a in chunks).clamp(min=1).float()    # (B, t-1): 1 / count(q)
+    mass = torch.cat([torch.bmm(eq(a).float(), w[:, :, None])[..., 0] for a in chunks], 1)
+    mass = F.pad(mass, (1, 0))                                # (B, T): at the bigram's end
     # each occurrence's unit is spread over the bigram and the MATCH_SPREAD tokens after it:
     # where a phrase of the query recurs, what followed it (a passkey after "the access code
     # is") is what the query asks for, and it may sit in the next block

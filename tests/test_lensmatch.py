@@ -45,7 +45,10 @@ def reference_mass(ids, N, t):
     return mass
 
 
-def test_query_match_equals_the_slow_definition():
+@pytest.mark.parametrize("chunk", [1 << 16, 7])
+def test_query_match_equals_the_slow_definition(chunk, monkeypatch):
+    import nanochat.gpt
+    monkeypatch.setattr(nanochat.gpt, "MATCH_CHUNK", chunk)   # many chunks: the same result
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 6, (3, 120))          # a tiny vocabulary: many repeated bigrams
     N = np.array([120, 77, 40])
