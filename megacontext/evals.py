@@ -9,7 +9,8 @@ Policies compared at the same budget W (entries):
 - "match":    MegaContext, refocused by the query-match feature alone (no learning: the bigrams
               of the recent tokens against the history, gpt.query_match); LensNet reads the same
               feature when config.lens_match is on
-- "match_top": the same, but only gists with at least half the best gist's match mass expand
+- "match_top": the same, but only gists with at least half the match mass of the best-matched
+              span (a gist or a K-group of LOD0 tokens) expand
 - "union":    max(lens, match_top) per entry: what either scorer wants expanded
 - "oracle":   MegaContext, refocused with perfect scores: the entries that cover the answer's
               needle score high (task examples only). Its accuracy is the reader's with ideal
@@ -31,6 +32,7 @@ from nanochat.gpt import lens_features, query_match, entry_match
 
 
 MC_POLICIES = ("lens", "recency", "random", "match", "match_top", "union")   # + "oracle" (needs targets)
+POLICIES = MC_POLICIES + ("oracle", "window", "full")
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from nanochat.checkpoint_manager import load_checkpoint, build_model
 from nanochat.tokenizer import get_tokenizer
 from nanochat.dataset import documents_iter_batched
 from megacontext import tasks
-from megacontext.evals import eval_example, substitution_dnll
+from megacontext.evals import eval_example, substitution_dnll, POLICIES
 
 
 @dataclass
@@ -118,6 +118,18 @@ def main():
             res = json.load(f)
         print0(json.dumps({"plots": plot(res, os.path.dirname(path), res["config"]["W"])}))
         return
+    # arguments first: a typo must not cost a checkpoint load
+    policies = cfg.policies.split(",")
+    for p in policies:
+        if p not in POLICIES:
+            fail(f"unknown policy {p!r} (choose from {', '.join(POLICIES)})")
+    task_names = cfg.tasks.split(",")
+    for t in task_names:
+        if t not in tasks.TASKS:
+            fail(f"unknown task {t!r} (choose from {', '.join(tasks.TASKS)})")
+    mults = [int(m) for m in cfg.mults.split(",")]
+    if not 1 <= cfg.n <= 1_000_000:
+        fail(f"--n must be in [1, 1000000], got {cfg.n}")
     ckpt = load_checkpoint(run_dir, device=device)
     tokenizer = get_tokenizer()
     model = build_model(ckpt, device, tokenizer)
@@ -127,14 +139,6 @@ def main():
     tc = ckpt.get("train_config") or {}
     W = cfg.W or tc.get("mc_W", 512)
     full_max = cfg.full_max or model.config.sequence_len
-    policies = cfg.policies.split(",")
-    task_names = cfg.tasks.split(",")
-    for t in task_names:
-        if t not in tasks.TASKS:
-            fail(f"unknown task {t!r} (choose from {', '.join(tasks.TASKS)})")
-    mults = [int(m) for m in cfg.mults.split(",")]
-    if not 1 <= cfg.n <= 1_000_000:
-        fail(f"--n must be in [1, 1000000], got {cfg.n}")
     out_dir = cfg.out or os.path.join(run_dir, "mc_eval")
     os.makedirs(out_dir, exist_ok=True)
     autocast = autocast_ctx(device.type)

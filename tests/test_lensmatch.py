@@ -236,3 +236,13 @@ def test_match_top_expands_the_needle_with_the_querys_key_and_not_the_distractor
         wc, _ = focus(m, table, offs, N, 64, p, 8, rng=rng, match_cs=mc(hist, N))
         distractor_at_lod0 = all(q in set(wc.starts[wc.levels == 0].tolist()) for q in range(70, 75))
         assert distractor_at_lod0 == want, p
+
+
+def test_mc_eval_rejects_an_unknown_policy_before_loading_anything(monkeypatch, capsys, tmp_path):
+    import sys
+    from nanochat.common import main_guard
+    from scripts import mc_eval
+    monkeypatch.setattr(sys, "argv", ["mc_eval", "--ckpt-dir", str(tmp_path / "none"), "--policies", "lens,bogus"])
+    with pytest.raises(SystemExit) as e:
+        main_guard(mc_eval.main)
+    assert e.value.code == 2 and "unknown policy 'bogus'" in capsys.readouterr().err
