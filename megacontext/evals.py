@@ -7,7 +7,7 @@ Policies compared at the same budget W (entries):
 - "recency":  MegaContext, recency layout, no refocus (gists, but no learned focus)
 - "random":   MegaContext, refocused with random scores (same allocator, same number of rounds)
 - "match":    MegaContext, refocused by the query-match feature alone (no learning: the bigrams
-              of the recent tokens against the history, gpt.query_match); LensNet reads the same
+              of the recent tokens against the history, match.query_match); LensNet reads the same
               feature when config.lens_match is on
 - "match_top": the same, but only gists with at least half the match mass of the best-matched
               span (a gist or a K-group of LOD0 tokens) expand
@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from megacontext.working_context import WorkingContext
 from megacontext.focus import lens_allocator, match_scores
 from megacontext.mctrain import build_table, level_offsets
-from nanochat.gpt import lens_features, query_match, entry_match
+from nanochat.gpt import lens_features
+from megacontext.match import query_match, entry_match
 
 
 MC_POLICIES = ("lens", "recency", "random", "match", "match_top", "union")   # + "oracle" (needs targets)

@@ -163,7 +163,7 @@ FOCUS_POLICIES = ("lens", "match")   # MemorySession(focus=...): who scores the 
 
 
 def match_scores(wc, mass, top=0.0):
-    """The "match" focus policy: the query-match feature alone (gpt.query_match), no learning.
+    """The "match" focus policy: the query-match feature alone (match.query_match), no learning.
     wc: the WorkingContext; mass (E,) numpy: each entry's query-match mass. A gist scores its
     log-mass above the median gist's, so only outliers expand; with top > 0, also above
     log1p(top x the best-matched span's mass), the span being a gist or a K-group of LOD0 tokens

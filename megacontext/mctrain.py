@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from megacontext.working_context import WorkingContext
 from megacontext.focus import sample_working_contexts, pack_working_contexts, focus_on
-from nanochat.gpt import lens_features, query_match, entry_match
+from nanochat.gpt import lens_features
+from megacontext.match import query_match, entry_match
 
 
 def level_offsets(T, K, max_level):

@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from nanochat.common import fail, atomic_write_json, atomic_write_bytes, autocast_ctx, lock_dir
-from nanochat.gpt import KVCache, lens_features, query_match, entry_match
+from nanochat.gpt import KVCache, lens_features
+from megacontext.match import MatchIndex
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import WorkingContext
 from megacontext.focus import lens_allocator, match_scores, FOCUS_POLICIES
@@ -374,6 +375,7 @@ class MemorySession:
         self.autocast = autocast if autocast is not None else autocast_ctx(self.device.type)
         self.model_id = model_id if model_id is not None else compute_model_id(model)
         self.tree, self._lock_fd, self.closed, self.recovered = None, None, False, {}
+        self._match = None   # MatchIndex of the history's bigrams (lens_match or focus="match"), built lazily
 
     def _lock_dir(self):
         if self.path is None:
@@ -590,18 +592,22 @@ class MemorySession:
         self._materialize(lv, ix, E)
         t = min(self.K, N)
         r = min(self.model.lens_context(t), N)
-        recent = torch.from_numpy(self.tree.tokens(N - r, N).astype(np.int64))[None].to(dev)
+        recent_np = self.tree.tokens(N - r, N).astype(np.int64)
+        recent = torch.from_numpy(recent_np)[None].to(dev)
         starts, widths = torch.from_numpy(self.wc.starts)[None].to(dev), torch.from_numpy(self.wc.widths)[None].to(dev)
-        match = None
+        mass = None
         if self.model.config.lens_match or self.focus_by == "match":
-            # the query-match feature reads the whole history's tokens: O(N) per refocus (a 4-byte
-            # read and t-1 compares per token, every K tokens), not O(W). A per-node bigram sketch
-            # in the tree would make it O(W); not built yet
-            hist = torch.from_numpy(self.tree.tokens(0, N).astype(np.int64))[None].to(dev)
-            match = entry_match(query_match(hist, torch.tensor([N], device=dev), t), starts, widths)
+            # the query-match feature from an index of the history's bigrams, caught up with the
+            # tree here (built whole at the first refocus after open): no pass over the history
+            if self._match is None:
+                self._match = MatchIndex()
+            if self._match.n < N:
+                self._match.append(self.tree.tokens(self._match.n, N))
+            mass = self._match.entry_mass(recent_np[-t:], N, self.wc.starts, self.wc.widths)
         if self.focus_by == "match":
-            scores = match_scores(self.wc, match[0].float().cpu().numpy())
+            scores = match_scores(self.wc, mass)
         else:
+            match = None if mass is None else torch.from_numpy(mass).float()[None].to(dev)
             feat = lens_features(starts, widths, N, match)
             with self.autocast:
                 scores = self.model.lensnet(self.emb[:E][None], torch.from_numpy(lv)[None].to(dev), feat.to(dev),

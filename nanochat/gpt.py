@@ -81,7 +81,7 @@ class GPTConfig:
     lens_query: str = "tokens"   # LensNet's queries: "tokens" (embeddings of the most recent tokens) or
                                  # "hidden" (the base model's final hidden states for them: GPT.lens_queries)
     lens_query_ctx: int = 256    # "hidden": the plain forward runs over this many most recent tokens
-    lens_match: bool = False     # LensNet also reads each entry's lexical match with its query (query_match)
+    lens_match: bool = False     # LensNet also reads each entry's lexical match with its query (megacontext.match)
     # MegaAttention (DESIGN section 7): local window of w entries + GistNet summaries of older blocks
     mega_attn_window: int = 0    # w in entries; 0 = off (plain causal attention over the window)
     mega_attn_impl: str = "auto" # "auto" (flex on CUDA, else sdpa), "sdpa" (dense mask), "flex"
@@ -475,52 +475,6 @@ def lens_features(starts, widths, num_tokens, match=None):
     m = torch.zeros_like(starts) if match is None else torch.log1p(match.float())
     return torch.stack([torch.log1p(age) / 8.0, torch.log(widths) / 8.0,
                         starts / n.clamp(min=1), torch.zeros_like(starts), m], dim=-1)
-
-
-MATCH_SPREAD = 8   # query_match: a matched bigram also marks this many tokens after it
-MATCH_CHUNK = 1 << 16   # query_match: history bigrams compared per chunk
-
-
-def query_match(ids, N, t):
-    """Lexical match of the history with LensNet's query (config.lens_match): the bigrams of
-    the t tokens before N[b] (the query LensNet reads) against every bigram that ends before
-    N[b] - t. ids (B, T) long, N (B,) long. Returns the prefix sums (B, T + 1) float of a
-    per-token mass: each distinct query bigram q spreads one unit over its count(q) occurrences
-    in the history, each share spread evenly over the bigram's two tokens and the MATCH_SPREAD
-    tokens after it. So a rare shared phrase ("the access code") weighs and a common one
-    ("= self") vanishes, whatever the phrasing: the signal LensNet could not learn from 32:1
-    gists of phrasings it never saw (README, #4). Batched tensor ops only; the history is
-    compared in chunks of MATCH_CHUNK bigrams, so a 1M-token history needs no 1M x t buffer."""
-    B, T = ids.shape
-    if T < 2 or t < 2:   # no bigram in the history or in the query
-        return torch.zeros(B, T + 1, device=ids.device)
-    ids = ids.long()
-    h = (ids[:, :-1] << 20) | ids[:, 1:]                     # (B, T-1): the bigram ending at p = j+1
-    end = N.long()[:, None] - t + torch.arange(1, t, device=ids.device)[None]   # query bigram ends
-    hq = h.gather(1, (end - 1).clamp(0, max(T - 2, 0)))      # (B, t-1)
-    first = ~((hq[:, :, None] == hq[:, None, :]) & torch.ones(t - 1, t - 1, dtype=torch.bool,
-                                                               device=ids.device).tril(-1)).any(-1)
-    qv = first & (end >= 1) & (end < T)                       # distinct, real query bigrams
-    hist = torch.arange(1, T, device=ids.device)[None] < (N.long()[:, None] - t)
-
-    def eq(a):   # (B, c, t-1): which query bigram each history bigram a .. a+c-1 equals
-        return (h[:, a:a + MATCH_CHUNK, None] == hq[:, None, :]) & hist[:, a:a + MATCH_CHUNK, None] & qv[:, None, :]
-    chunks = range(0, T - 1, MATCH_CHUNK)
-    w = 1.0 / sum(eq(a).sum(1) for a in chunks).clamp(min=1).float()    # (B, t-1): 1 / count(q)
-    mass = torch.cat([torch.bmm(eq(a).float(), w[:, :, None])[..., 0] for a in chunks], 1)
-    mass = F.pad(mass, (1, 0))                                # (B, T): at the bigram's end
-    # each occurrence's unit is spread over the bigram and the MATCH_SPREAD tokens after it:
-    # where a phrase of the query recurs, what followed it (a passkey after "the access code
-    # is") is what the query asks for, and it may sit in the next block
-    S = MATCH_SPREAD
-    mass = F.conv1d(F.pad(mass, (S, 1))[:, None], torch.ones(1, 1, S + 2, device=ids.device))[:, 0] / (S + 2)
-    return F.pad(mass.cumsum(1), (1, 0))                      # (B, T+1): cs[i] = mass of tokens < i
-
-
-def entry_match(cs, starts, widths):
-    """Query-match mass under each entry from query_match's prefix sums: (B, E) float."""
-    starts = starts.long().clamp(0, cs.size(1) - 1)
-    return cs.gather(1, (starts + widths.long()).clamp(max=cs.size(1) - 1)) - cs.gather(1, starts)
 
 
 class LensNet(nn.Module):

@@ -4,9 +4,13 @@ refocus (at W=8192, K=32, N=1M, random LensNet-like scores), single-token append
 loop's per-token cost), a bulk 1M-token ingest, and the training-time sampler (n=8).
 --needle-sim instead: mc_eval's focus loop (W=512, K=32, 8 rounds) with a simulated imperfect
 LensNet, with and without carried scores: in how many of 20 runs the needle ends at LOD0.
+--match instead: the query-match feature at a refocus over N tokens (Zipf-distributed ids, so
+common bigrams repeat as in text): MemorySession's MatchIndex (ingest, then 32 generated tokens
+and one refocus per round) against one batched query_match pass over the whole history.
 
     python -m scripts.bench_focus [--W 8192] [--K 32] [--N 1000000] [--calls 2000]
     python -m scripts.bench_focus --needle-sim
+    python -m scripts.bench_focus --match [--N 1000000] [--W 8192]
 """
 import argparse
 import json
@@ -54,6 +58,33 @@ def needle_sim(mults=(4, 16, 64, 256), n=20, W=512):
     return out
 
 
+def match_bench(N, W, K, L, rounds=20, vocab=32768, seed=0):
+    import torch
+    from megacontext.match import MatchIndex, query_match, entry_match
+    rng = np.random.default_rng(seed)
+    ids = np.minimum(rng.zipf(1.3, N + 32 * rounds), vocab) - 1
+    mi = MatchIndex()
+    t0 = time.perf_counter()
+    for a in range(0, N, 16384):                  # MemorySession's ingest chunks
+        mi.append(ids[a:min(a + 16384, N)])
+    build_ms = (time.perf_counter() - t0) * 1e3
+    refocus_ms, n = [], N
+    for _ in range(rounds):
+        mi.append(ids[n:n + 32])                  # the 32 tokens generated since the last refocus
+        n += 32
+        wc = WorkingContext.recency(n, K, W, L)
+        t0 = time.perf_counter()
+        mass = mi.entry_mass(ids[n - 32:n], n, wc.starts, wc.widths)
+        refocus_ms.append((time.perf_counter() - t0) * 1e3)
+    t0 = time.perf_counter()
+    ref = entry_match(query_match(torch.from_numpy(ids[:n])[None], torch.tensor([n]), 32),
+                      torch.from_numpy(wc.starts)[None], torch.from_numpy(wc.widths)[None])[0].numpy()
+    pass_ms = (time.perf_counter() - t0) * 1e3
+    return {"index_build_ms": round(build_ms, 1), "index_refocus_ms": stats(refocus_ms),
+            "full_pass_ms": round(pass_ms, 1), "max_abs_diff": float(np.abs(mass - ref).max()),
+            "index_bytes_per_token": 16, "torch_threads": torch.get_num_threads()}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--W", type=int, default=8192)
@@ -63,11 +94,17 @@ def main():
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--needle-sim", action="store_true", help="only the carried-scores simulation (see above)")
+    ap.add_argument("--match", action="store_true", help="only the query-match timings (see above)")
     args = ap.parse_args()
     if args.needle_sim:
         print(json.dumps({"needle_at_lod0_of_20": needle_sim()}))
         return
     K, W, N, L = args.K, args.W, args.N, args.max_level
+    if args.match:
+        print(json.dumps({"hardware": f"CPU ({platform.processor() or platform.machine()}), numpy {np.__version__}",
+                          "config": {"K": K, "W": W, "N": N, "max_level": L},
+                          "match": match_bench(N, W, K, L, seed=args.seed)}))
+        return
     rng = np.random.default_rng(args.seed)
 
     # refocus: scores drawn ahead of time so that only the allocator is timed

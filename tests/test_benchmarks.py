@@ -34,6 +34,13 @@ def test_bench_mc_cpu_smoke():
     assert tree["raw"]["durable"]["nodes"] == [20000, 625, 19]
 
 
+def test_bench_focus_match_smoke():
+    out = run_json("scripts.bench_focus", "--match", "--N", "50000", "--W", "1024")
+    m = out["match"]
+    assert m["index_refocus_ms"]["n"] == 20 and m["index_build_ms"] > 0 and m["full_pass_ms"] > 0
+    assert m["max_abs_diff"] < 1e-4, "the index gives the batched definition's masses"
+
+
 def test_bench_train_cpu_smoke_plain_and_megacontext():
     out = run_json("scripts.bench_train", "--depth", "1", "--aspect-ratio", "64", "--head-dim", "32", "--batch", "4",
                    "--seq", "64", "--vocab", "256", "--steps", "1", "--warmup", "1", "--device", "cpu",

@@ -1,5 +1,5 @@
 """
-The query-match feature (GPTConfig.lens_match, gpt.query_match): each working-context entry's
+The query-match feature (GPTConfig.lens_match, match.query_match): each working-context entry's
 share of the rare bigrams that its history shares with LensNet's query (the recent tokens). One
 definition feeds training (MCStep), mc_eval (the "lens" and "match" policies) and MemorySession.
 """
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from nanochat.gpt import GPT, GPTConfig, query_match, entry_match, LENS_FEATURES, MATCH_SPREAD
+from nanochat.gpt import GPT, GPTConfig, LENS_FEATURES
+from megacontext.match import query_match, entry_match, MATCH_SPREAD, MatchIndex
 from nanochat.engine import MemorySession
 from nanochat.checkpoint_manager import build_model
 from megacontext.mctrain import MCStep, make_plan, level_offsets
@@ -47,8 +48,8 @@ def reference_mass(ids, N, t):
 
 @pytest.mark.parametrize("chunk", [1 << 16, 7])
 def test_query_match_equals_the_slow_definition(chunk, monkeypatch):
-    import nanochat.gpt
-    monkeypatch.setattr(nanochat.gpt, "MATCH_CHUNK", chunk)   # many chunks: the same result
+    import megacontext.match
+    monkeypatch.setattr(megacontext.match, "MATCH_CHUNK", chunk)   # many chunks: the same result
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 6, (3, 120))          # a tiny vocabulary: many repeated bigrams
     N = np.array([120, 77, 40])
@@ -246,3 +247,26 @@ def test_mc_eval_rejects_an_unknown_policy_before_loading_anything(monkeypatch, 
     with pytest.raises(SystemExit) as e:
         main_guard(mc_eval.main)
     assert e.value.code == 2 and "unknown policy 'bogus'" in capsys.readouterr().err
+
+
+def test_match_index_gives_query_match_for_a_stream_appended_in_pieces(monkeypatch):
+    """MemorySession's index (sorted runs, merged as they grow, plus an unsorted tail) gives the
+    batched definition's entry masses, for any cut N and any split of the appends."""
+    monkeypatch.setattr(MatchIndex, "RUN", 64)       # many runs and merges in 5000 tokens
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 6, 5000)                   # a tiny vocabulary: many repeated bigrams
+    mi, pos, seen = MatchIndex(), 0, set()
+    while pos < len(ids):
+        k = int(rng.integers(1, 200))
+        mi.append(ids[pos:pos + k])
+        pos += k
+        seen.add(len(mi._runs))
+    assert mi.n == len(ids) and max(seen) >= 3
+    for N, t in ((5000, 8), (3001, 8), (40, 32), (1, 8)):
+        starts = np.sort(rng.choice(N, min(30, N), replace=False))
+        starts[0] = 0
+        widths = np.diff(np.concatenate([starts, [N]]))
+        ref = entry_match(query_match(torch.from_numpy(ids)[None], torch.tensor([N]), min(t, N)),
+                          torch.from_numpy(starts)[None], torch.from_numpy(widths)[None])[0].numpy()
+        got = mi.entry_mass(ids[max(N - t, 0):N], N, starts, widths)
+        np.testing.assert_allclose(got, ref, atol=1e-5)
