@@ -6,6 +6,8 @@ full-attention KV decode of the same model over the whole history. Prints one JS
     python -m scripts.bench_decode --depth 12 --W 4096 --histories 4096,32768,131072,1048576
     python -m scripts.bench_decode --depth 20 --decode dynamic --dtype fp32   # the eager, autocast baseline
     python -m scripts.bench_decode --depth 20 --count-ops    # ops (and CUDA kernels) of one decode step
+    python -m scripts.bench_decode --depth 20 --W 4096 --lens-match   # LensNet with the query-match feature
+    python -m scripts.bench_decode --depth 20 --W 4096 --focus match  # refocus by query match alone
 
 Random init is fine for speed, but LensNet's head and the zero-init output projections are
 perturbed so that refocus really edits the window (and the cache really gets cut), as a trained
@@ -38,6 +40,7 @@ import torch
 from nanochat.common import main_guard, fail, autocast_ctx, synchronize, autodetect_device_type
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.engine import Engine, MemorySession, DecodeStep, DECODE_MODES, sample_next
+from megacontext.focus import FOCUS_POLICIES
 
 
 def mem_mb(device):
@@ -58,7 +61,8 @@ def bench_mc(model, ids, args, device, autocast, root):
     path = os.path.join(root, f"mc_{len(ids)}")
     shutil.rmtree(path, ignore_errors=True)
     reset_mem(device)
-    s = MemorySession(model, W=args.W, path=path, model_id="bench", autocast=autocast, decode=args.decode)
+    s = MemorySession(model, W=args.W, path=path, model_id="bench", autocast=autocast, decode=args.decode,
+                      focus=args.focus)
     try:
         t0 = time.perf_counter()
         s.ingest(ids)
@@ -127,7 +131,7 @@ def make_config(args):
     width = args.width or args.depth * 64
     return GPTConfig(sequence_len=args.W, vocab_size=args.vocab, n_layer=args.depth, n_head=max(1, width // 64),
                      n_kv_head=max(1, width // 64), n_embd=width, megacontext=True, mc_block_size=args.K,
-                     mc_max_level=args.max_level, pos_scheme=args.pos_scheme)
+                     mc_max_level=args.max_level, pos_scheme=args.pos_scheme, lens_match=args.lens_match)
 
 
 def build(args, device):
@@ -253,6 +257,8 @@ def main():
     ap.add_argument("--dir", default=None, help="where the MC tree goes (default: a temp dir, removed)")
     ap.add_argument("--profile", action="store_true", help="add each run's top ops (torch.profiler) to its result")
     ap.add_argument("--count-ops", action="store_true", help="only count the ops (and CUDA kernels) of one decode step")
+    ap.add_argument("--lens-match", action="store_true", help="LensNet reads the query-match feature (GPTConfig.lens_match)")
+    ap.add_argument("--focus", default="lens", choices=FOCUS_POLICIES, help="MemorySession's refocus scorer")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)  # "history,mode": one measurement
     args = ap.parse_args()
     try:
@@ -275,7 +281,8 @@ def main():
     argv = sys.argv[1:]
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch_threads": torch.get_num_threads(), "config": {k: getattr(cfg, k) for k in
-           ("n_layer", "n_embd", "vocab_size", "mc_block_size", "mc_max_level", "pos_scheme")},
+           ("n_layer", "n_embd", "vocab_size", "mc_block_size", "mc_max_level", "pos_scheme", "lens_match")},
+           "focus": args.focus,
            "W": args.W, "steps": args.steps, "decode": args.decode, "dtype": args.dtype, "mem": "peak_gpu_mb" if device.type == "cuda" else "rss_mb",
            "isolation": "one process per measurement", "results": []}
     for h in histories:

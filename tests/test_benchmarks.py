@@ -63,6 +63,15 @@ def test_bench_decode_cpu_smoke():
     assert "128" in text and "1024" in text and "skipped" in text, "full attention is skipped past --max-full"
 
 
+def test_bench_decode_with_the_query_match_feature_and_focus():
+    for flags in (["--lens-match"], ["--focus", "match"]):
+        out = run_json("scripts.bench_decode", "--depth", "1", "--vocab", "256", "--W", "64", "--K", "8",
+                       "--histories", "1024", "--steps", "40", "--max-full", "0", "--device", "cpu", *flags, timeout=240)
+        mc = out["results"][0]["mc"]
+        assert mc["refocus_calls"] >= 1 and mc["ms_per_tok"] > 0, flags
+        assert out["config"]["lens_match"] == (flags == ["--lens-match"]) and out["focus"] == flags[-1].replace("--lens-match", "lens")
+
+
 def test_bench_decode_profile_names_the_top_ops():
     out = run_json("scripts.bench_decode", "--depth", "1", "--vocab", "256", "--W", "64", "--K", "8",
                    "--histories", "256", "--steps", "2", "--max-full", "0", "--device", "cpu", "--profile", timeout=240)
