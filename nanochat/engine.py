@@ -22,7 +22,9 @@ ingest -> refocus -> decode, chunked by K.
 - generate(): sample, append the token to memory (tree + WC), refocus every K generated tokens.
 - Model inputs come only from model.entry_embeddings (LOD0 ids from tree.tokens, gists from
   tree.gists), so inference sees what training sees. LensNet gets those entry embeddings,
-  lens_features(starts, widths, N) and the token embeddings of the last K tokens.
+  lens_features(starts, widths, N, query match) and the token embeddings of the last K tokens;
+  the query match comes from a MatchIndex of the history's bigrams (megacontext/match.py).
+  focus="match" scores the entries by the query match alone (focus.match_scores).
 - Device memory: the model, a W-entry KV cache and a W-entry embedding buffer: O(W), whatever
   the history length. The tree lives in RAM or on disk.
 A plain (non-MC) model gets the same API over a token list; its window is the last <= W tokens
@@ -593,8 +595,6 @@ class MemorySession:
         t = min(self.K, N)
         r = min(self.model.lens_context(t), N)
         recent_np = self.tree.tokens(N - r, N).astype(np.int64)
-        recent = torch.from_numpy(recent_np)[None].to(dev)
-        starts, widths = torch.from_numpy(self.wc.starts)[None].to(dev), torch.from_numpy(self.wc.widths)[None].to(dev)
         mass = None
         if self.model.config.lens_match or self.focus_by == "match":
             # the query-match feature from an index of the history's bigrams, caught up with the
@@ -607,8 +607,10 @@ class MemorySession:
         if self.focus_by == "match":
             scores = match_scores(self.wc, mass)
         else:
+            recent = torch.from_numpy(recent_np)[None].to(dev)
             match = None if mass is None else torch.from_numpy(mass).float()[None].to(dev)
-            feat = lens_features(starts, widths, N, match)
+            feat = lens_features(torch.from_numpy(self.wc.starts)[None].to(dev), torch.from_numpy(self.wc.widths)[None].to(dev),
+                                 N, match)
             with self.autocast:
                 scores = self.model.lensnet(self.emb[:E][None], torch.from_numpy(lv)[None].to(dev), feat.to(dev),
                                             self.model.lens_queries(recent, t), torch.ones(1, E, dtype=torch.bool, device=dev))
