@@ -32,7 +32,8 @@ from nanochat.gpt import lens_features
 from megacontext.match import query_match, entry_match
 
 
-MC_POLICIES = ("lens", "recency", "random", "match", "match_top", "union")   # + "oracle" (needs targets)
+MATCH_POLICIES = ("match", "match_top", "union")   # the policies that read the query match
+MC_POLICIES = ("lens", "recency", "random") + MATCH_POLICIES   # + "oracle" (needs targets)
 POLICIES = MC_POLICIES + ("oracle", "window", "full")
 
 
@@ -65,13 +66,13 @@ def wc_match(wc, cs):
 
 
 @torch.no_grad()
-def lens_scores(model, table, offs, wc, query, match_cs=None):
-    """query: LensNet's (1, t, D) queries (lens_query); match_cs: match_cumsum's prefix sums,
+def lens_scores(model, table, offs, wc, query, mass=None):
+    """query: LensNet's (1, t, D) queries (lens_query); mass: wc_match's (E,) query-match mass,
     needed when the model reads the query-match feature (config.lens_match)."""
     N = wc.num_tokens
     lv = torch.as_tensor(wc.levels, device=table.device)[None]
     emb = entry_inputs(model, table, offs, wc)[None]
-    match = wc_match(wc, match_cs)[None] if model.config.lens_match else None
+    match = mass[None] if model.config.lens_match else None
     feats = lens_features(torch.as_tensor(wc.starts, device=table.device)[None],
                           torch.as_tensor(wc.widths, device=table.device)[None], N, match)
     s = model.lensnet(emb, lv, feats, query, torch.ones_like(lv, dtype=torch.bool))
@@ -129,12 +130,14 @@ def focus(model, table, offs, N, W, policy, rounds=8, n_diff=4, rng=None, target
     alloc = lens_allocator(n_diff)   # as MemorySession
     edits = 0
     for r in range(rounds):
+        reads = policy in MATCH_POLICIES or (policy == "lens" and c.lens_match)
+        mass = wc_match(wc, match_cs) if reads else None   # once per round, for both of union's scorers
         if policy == "lens":
-            scores = lens_scores(model, table, offs, wc, query=query, match_cs=match_cs)
-        elif policy in ("match", "match_top", "union"):
-            scores = match_scores(wc, wc_match(wc, match_cs).cpu().numpy(), top=0.0 if policy == "match" else 0.5)
+            scores = lens_scores(model, table, offs, wc, query=query, mass=mass)
+        elif policy in MATCH_POLICIES:
+            scores = match_scores(wc, mass.cpu().numpy(), top=0.0 if policy == "match" else 0.5)
             if policy == "union":   # what either LensNet or match_top wants: max of the two scores
-                scores = np.maximum(scores, lens_scores(model, table, offs, wc, query=query, match_cs=match_cs))
+                scores = np.maximum(scores, lens_scores(model, table, offs, wc, query=query, mass=mass))
         elif policy == "oracle":
             scores = oracle_scores(wc, targets)
         else:
@@ -184,7 +187,8 @@ def eval_example(model, ids, N, cont, W, policies, rounds=8, rng=None, full_max=
     if mc_pol:
         table, offs = build_levels(model, hist)
         query = lens_query(model, hist, N) if {"lens", "union"} & set(mc_pol) else None
-        mcs = match_cumsum(hist, N) if {"match", "match_top", "union"} & set(mc_pol) or model.config.lens_match else None
+        needs = set(MATCH_POLICIES) | ({"lens"} if model.config.lens_match else set())
+        mcs = match_cumsum(hist, N) if needs & set(mc_pol) else None
         for p in mc_pol:
             trace = {}
             wc, edits = focus(model, table, offs, N, W, p, rounds, rng=rng, targets=targets, trace=trace, query=query,

@@ -21,6 +21,12 @@ MATCH_SPREAD = 8   # query_match: a matched bigram also marks this many tokens a
 MATCH_CHUNK = 1 << 16   # query_match: history bigrams compared per chunk
 
 
+def bigram_hash(ids):
+    """One int64 per adjacent pair (ids[..., i], ids[..., i+1]) of a torch tensor or numpy array
+    of token ids (< 2**20): the key that query_match and MatchIndex must agree on."""
+    return (ids[..., :-1] << 20) | ids[..., 1:]
+
+
 def query_match(ids, N, t):
     """Lexical match of the history with LensNet's query (config.lens_match): the bigrams of
     the t tokens before N[b] (the query LensNet reads) against every bigram that ends before
@@ -35,7 +41,7 @@ def query_match(ids, N, t):
     if T < 2 or t < 2:   # no bigram in the history or in the query
         return torch.zeros(B, T + 1, device=ids.device)
     ids = ids.long()
-    h = (ids[:, :-1] << 20) | ids[:, 1:]                     # (B, T-1): the bigram ending at p = j+1
+    h = bigram_hash(ids)                                      # (B, T-1): the bigram ending at p = j+1
     end = N.long()[:, None] - t + torch.arange(1, t, device=ids.device)[None]   # query bigram ends
     hq = h.gather(1, (end - 1).clamp(0, max(T - 2, 0)))      # (B, t-1)
     first = ~((hq[:, :, None] == hq[:, None, :]) & torch.ones(t - 1, t - 1, dtype=torch.bool,
@@ -86,7 +92,7 @@ class MatchIndex:
             return
         full = ids if self._last is None else np.concatenate([[self._last], ids])
         p0 = self.n - (0 if self._last is None else 1) + 1    # end position of full's first bigram
-        self._tail_h = np.concatenate([self._tail_h, (full[:-1] << 20) | full[1:]])
+        self._tail_h = np.concatenate([self._tail_h, bigram_hash(full)])
         self._tail_p = np.concatenate([self._tail_p, np.arange(p0, p0 + len(full) - 1, dtype=np.int64)])
         self.n += len(ids)
         self._last = int(ids[-1])
@@ -110,7 +116,7 @@ class MatchIndex:
         starts, ends = np.asarray(starts, np.int64), np.asarray(starts, np.int64) + np.asarray(widths, np.int64)
         if N < 2 or t < 2:
             return np.zeros(len(starts))
-        hq = np.unique((q[:-1] << 20) | q[1:])
+        hq = np.unique(bigram_hash(q))
         limit = N - t                                 # occurrences end before the query starts
         occ, cnt = [], np.zeros(len(hq), np.int64)
         for h, p in self._runs:

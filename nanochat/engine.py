@@ -612,7 +612,7 @@ class MemorySession:
             feat = lens_features(torch.from_numpy(self.wc.starts)[None].to(dev), torch.from_numpy(self.wc.widths)[None].to(dev),
                                  N, match)
             with self.autocast:
-                scores = self.model.lensnet(self.emb[:E][None], torch.from_numpy(lv)[None].to(dev), feat.to(dev),
+                scores = self.model.lensnet(self.emb[:E][None], torch.from_numpy(lv)[None].to(dev), feat,
                                             self.model.lens_queries(recent, t), torch.ones(1, E, dtype=torch.bool, device=dev))
             scores = scores[0].float().cpu().numpy()
         lens_ms = (time.perf_counter() - t0) * 1e3
