@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 
 from megacontext.working_context import WorkingContext
-from megacontext.focus import lens_allocator, match_scores
+from megacontext.focus import lens_allocator, focus_scores, FOCUS_POLICIES, MATCH_FOCUS
 from megacontext.mctrain import build_table, level_offsets
 from nanochat.gpt import lens_features
 from megacontext.match import query_match, entry_match
 
 
-MATCH_POLICIES = ("match", "match_top", "union")   # the policies that read the query match
+MATCH_POLICIES = MATCH_FOCUS   # the policies that read the query match
 MC_POLICIES = ("lens", "recency", "random") + MATCH_POLICIES   # + "oracle" (needs targets)
 POLICIES = MC_POLICIES + ("oracle", "window", "full")
 
@@ -132,12 +132,9 @@ def focus(model, table, offs, N, W, policy, rounds=8, n_diff=4, rng=None, target
     for r in range(rounds):
         reads = policy in MATCH_POLICIES or (policy == "lens" and c.lens_match)
         mass = wc_match(wc, match_cs) if reads else None   # once per round, for both of union's scorers
-        if policy == "lens":
-            scores = lens_scores(model, table, offs, wc, query=query, mass=mass)
-        elif policy in MATCH_POLICIES:
-            scores = match_scores(wc, mass.cpu().numpy(), top=0.0 if policy == "match" else 0.5)
-            if policy == "union":   # what either LensNet or match_top wants: max of the two scores
-                scores = np.maximum(scores, lens_scores(model, table, offs, wc, query=query, mass=mass))
+        if policy in FOCUS_POLICIES:   # lens, match, match_top, union: as MemorySession scores them
+            scores = focus_scores(policy, wc, None if mass is None else mass.cpu().numpy(),
+                                  lambda: lens_scores(model, table, offs, wc, query=query, mass=mass))
         elif policy == "oracle":
             scores = oracle_scores(wc, targets)
         else:

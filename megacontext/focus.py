@@ -159,7 +159,24 @@ class FocusAllocator:
                 "len": len(wc), "step": step, "ms": (time.perf_counter() - t0) * 1e3}
 
 
-FOCUS_POLICIES = ("lens", "match")   # MemorySession(focus=...): who scores the entries at refocus
+# MemorySession(focus=...): who scores the entries at refocus. "lens": LensNet; "match": the query
+# match alone; "match_top": only the best-matched spans (MATCH_TOP); "union": max(lens, match_top)
+# per entry (README, Results: the one policy good at both held-out passkey and multi-key)
+FOCUS_POLICIES = ("lens", "match", "match_top", "union")
+MATCH_FOCUS = ("match", "match_top", "union")   # the ones that read the query match
+MATCH_TOP = 0.5   # match_top: a gist expands only with >= this share of the best span's match mass
+
+
+def focus_scores(policy, wc, mass=None, lens=None):
+    """The refocus scores of a FOCUS_POLICIES policy (mc_eval and MemorySession share it). mass:
+    (E,) query-match mass (the MATCH_FOCUS policies); lens: a callable -> (E,) LensNet scores,
+    called only by the policies that read LensNet ("lens", "union")."""
+    if policy not in FOCUS_POLICIES:
+        raise ValueError(f"focus policy must be one of {FOCUS_POLICIES}, got {policy!r}")
+    if policy == "lens":
+        return lens()
+    scores = match_scores(wc, mass, top=0.0 if policy == "match" else MATCH_TOP)
+    return np.maximum(scores, lens()) if policy == "union" else scores
 
 
 def match_scores(wc, mass, top=0.0):

@@ -24,7 +24,8 @@ ingest -> refocus -> decode, chunked by K.
   tree.gists), so inference sees what training sees. LensNet gets those entry embeddings,
   lens_features(starts, widths, N, query match) and the token embeddings of the last K tokens;
   the query match comes from a MatchIndex of the history's bigrams (megacontext/match.py).
-  focus="match" scores the entries by the query match alone (focus.match_scores).
+  focus="match" / "match_top" score the entries by the query match alone, "union" by the max of
+  that and LensNet (focus.focus_scores, as mc_eval's policies of the same names).
 - Device memory: the model, a W-entry KV cache and a W-entry embedding buffer: O(W), whatever
   the history length. The tree lives in RAM or on disk.
 A plain (non-MC) model gets the same API over a token list; its window is the last <= W tokens
@@ -46,7 +47,7 @@ from nanochat.gpt import KVCache, lens_features
 from megacontext.match import MatchIndex
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import WorkingContext
-from megacontext.focus import lens_allocator, match_scores, FOCUS_POLICIES
+from megacontext.focus import lens_allocator, focus_scores, FOCUS_POLICIES, MATCH_FOCUS
 
 
 @torch.no_grad()
@@ -98,6 +99,10 @@ class DecodeStep:
         replay). The warmup runs before the capture compile it."""
         self.model, self.cache = model, cache
         self._fwd = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        # the q/k/v weights whose stacked copies (CausalSelfAttention.qkv_weight) a graph or a
+        # compiled step reads: a change to any of them means a refresh and a new capture
+        self._attn = [m for m in model.modules() if hasattr(m, "qkv_weight")]
+        self._qkv_params = [w for m in self._attn for w in (m.c_q.weight, m.c_k.weight, m.c_v.weight)]
         self.graph = cache.k.is_cuda if graph is None else graph
         self._key = self._graph = None
         # the graph must not hold weight casts cached by a warmup run's autocast (make_graphed_callables
@@ -146,9 +151,13 @@ class DecodeStep:
         # a graph bakes in buffer addresses and shapes: expand_batch (new k/v tensors) or other
         # input shapes mean new static buffers and a new capture
         sig = lambda t: None if t is None else (tuple(t.shape), t.dtype)  # noqa: E731
-        key = (c.k.data_ptr(), c.v.data_ptr(), tuple(c.k.shape), sig(x), sig(pos), sig(sigma))
+        # versions only grow, so their sum changes with any in-place update; a .to() moves them all
+        weights = (sum(w._version for w in self._qkv_params), self._qkv_params[0].data_ptr() if self._qkv_params else 0)
+        key = (c.k.data_ptr(), c.v.data_ptr(), tuple(c.k.shape), sig(x), sig(pos), sig(sigma), weights)
         if key != self._key:
             self._key, self._graph = key, None
+            for m in self._attn:
+                m.qkv_weight()   # refresh the stacked copies eagerly (a compiled step takes them as they are)
             self.x, self.pos, self.sigma = (None if t is None else torch.empty_like(t, device=c.k.device)
                                             for t in (x, pos, sigma))
             self.slot = torch.zeros(1, dtype=torch.long, device=c.k.device)
@@ -303,8 +312,9 @@ class MemorySession:
                  decode="static", focus="lens"):
         """decode: "static" = one-entry forwards (every generated token) go through a DecodeStep
         (a CUDA graph on CUDA), "compiled" and "dynamic" as in Engine. focus: who scores the
-        entries at refocus, "lens" (LensNet) or "match" (the query-match feature alone:
-        focus.match_scores; README, Results: it finds a needle in a phrasing LensNet never saw)."""
+        entries at refocus (focus.FOCUS_POLICIES): "lens" (LensNet), "match" (the query-match
+        feature alone: it finds a needle in a phrasing LensNet never saw), "match_top" (only the
+        best-matched spans) or "union" (max of lens and match_top; README, Results)."""
         c = model.config
         self._setup(model, model_id, autocast, path, decode, focus)
         if path is not None and os.path.exists(os.path.join(path, STATE_FILE)):
@@ -596,7 +606,7 @@ class MemorySession:
         r = min(self.model.lens_context(t), N)
         recent_np = self.tree.tokens(N - r, N).astype(np.int64)
         mass = None
-        if self.model.config.lens_match or self.focus_by == "match":
+        if self.model.config.lens_match or self.focus_by in MATCH_FOCUS:
             # the query-match feature from an index of the history's bigrams, caught up with the
             # tree here (built whole at the first refocus after open): no pass over the history
             if self._match is None:
@@ -604,17 +614,17 @@ class MemorySession:
             if self._match.n < N:
                 self._match.append(self.tree.tokens(self._match.n, N))
             mass = self._match.entry_mass(recent_np[-t:], N, self.wc.starts, self.wc.widths)
-        if self.focus_by == "match":
-            scores = match_scores(self.wc, mass)
-        else:
+
+        def lens():   # LensNet's scores ("lens", "union"): "match" and "match_top" never run it
             recent = torch.from_numpy(recent_np)[None].to(dev)
             match = None if mass is None else torch.from_numpy(mass).float()[None].to(dev)
             feat = lens_features(torch.from_numpy(self.wc.starts)[None].to(dev), torch.from_numpy(self.wc.widths)[None].to(dev),
                                  N, match)
             with self.autocast:
-                scores = self.model.lensnet(self.emb[:E][None], torch.from_numpy(lv)[None].to(dev), feat,
-                                            self.model.lens_queries(recent, t), torch.ones(1, E, dtype=torch.bool, device=dev))
-            scores = scores[0].float().cpu().numpy()
+                sc = self.model.lensnet(self.emb[:E][None], torch.from_numpy(lv)[None].to(dev), feat,
+                                        self.model.lens_queries(recent, t), torch.ones(1, E, dtype=torch.bool, device=dev))
+            return sc[0].float().cpu().numpy()
+        scores = focus_scores(self.focus_by, self.wc, mass, lens)
         lens_ms = (time.perf_counter() - t0) * 1e3
         tel = self.focus.refocus(self.wc, scores)
         tel["alloc_ms"] = tel.pop("ms")

@@ -192,9 +192,16 @@ def attention(q, k, v, causal=True, attn_mask=None):
     return y.transpose(1, 2)
 
 
-# eager even inside a compiled decode step: Inductor folds these single-query bmms into its own
-# fused reduction loops (seen in its CPU output code); kept out, they stay cuBLAS GEMVs
-@torch.compiler.disable
+@torch.library.custom_op("nanochat::decode_bmm", mutates_args=())
+def _decode_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.matmul(a, b)
+
+
+@_decode_bmm.register_fake
+def _(a, b):
+    return a.new_empty(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.size(-2), b.size(-1)))
+
+
 def decode_attention(q, k, v, attn_mask=None):
     """One query per row (q: (B, 1, H, D)) as two batched GEMVs around a softmax. SDPA's fused
     kernels tile over queries: with a single query they run one thread block per head that walks
@@ -202,17 +209,23 @@ def decode_attention(q, k, v, attn_mask=None):
     A GEMV spreads the keys over the whole GPU, and reads K and V straight from the cache's
     (B, Tk, Hkv, D) layout (no copy at B = 1). attn_mask (B or 1, 1, 1, Tk): bool, True = attend,
     or a float additive bias (0 / -inf; static decode): one add that also makes the scores fp32."""
+    # Inside a compiled decode step the two GEMVs are an opaque op (nanochat::decode_bmm): Inductor
+    # would fold single-query bmms into its own reduction loops (seen in its output code), and a
+    # torch.compiler.disable here broke the graph in every layer, so that dynamo recompiled the
+    # per-layer frames up to its cache limit and ran the rest eagerly (measured on an H200:
+    # --step-breakdown). Eagerly they are plain matmuls.
+    bmm = _decode_bmm if torch.compiler.is_compiling() else torch.matmul
     B, _, H, D = q.shape
     Hkv = k.size(2)
     qg = (q * D ** -0.5).view(B, Hkv, H // Hkv, D)  # query heads grouped by the kv head they share
-    s = torch.matmul(qg, k.permute(0, 2, 3, 1))                        # (B, Hkv, G, Tk)
+    s = bmm(qg, k.permute(0, 2, 3, 1))                                 # (B, Hkv, G, Tk)
     if attn_mask is None:
         s = s.float()
     else:
         if attn_mask.dtype == torch.bool:
             attn_mask = torch.zeros(attn_mask.shape, device=s.device).masked_fill(~attn_mask, float("-inf"))
         s = s + attn_mask.reshape(attn_mask.size(0), 1, 1, k.size(1)).float()
-    y = torch.matmul(torch.softmax(s, dim=-1).to(v.dtype), v.transpose(1, 2))  # (B, Hkv, G, D)
+    y = bmm(torch.softmax(s, dim=-1).to(v.dtype), v.transpose(1, 2))   # (B, Hkv, G, D)
     return y.reshape(B, 1, H, D)
 
 
@@ -370,6 +383,21 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(dim, n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(dim, n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(dim, dim, bias=False)
+        self._qkv = None   # (key, stacked q/k/v weight) for KV-cached inference; not state
+
+    def qkv_weight(self):
+        """c_q, c_k, c_v stacked for the one-GEMM inference path, kept until one of them changes
+        (an in-place update bumps its _version, a .to() swaps its data). Stacking at every call
+        copied 9.8 MB per layer per decode step at d20: 22 kernels, 0.12 ms of a 1.9 ms step
+        (--step-breakdown on an H200). Costs one more copy of those weights while cached. A
+        compiled step takes the cached copy as is: its caller (engine.DecodeStep) refreshes it."""
+        ws = (self.c_q.weight, self.c_k.weight, self.c_v.weight)
+        if torch.compiler.is_compiling():
+            return self._qkv[1] if self._qkv is not None else torch.cat(ws)
+        key = tuple((w._version, w.data_ptr(), w.dtype) for w in ws)
+        if self._qkv is None or self._qkv[0] != key:
+            self._qkv = (key, torch.cat(ws).detach())
+        return self._qkv[1]
 
     def forward(self, x, cos_sin, kv_cache=None, causal=True, attn_mask=None):
         B, T, _ = x.shape
@@ -377,12 +405,10 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             # inference (KV-cached forwards run without grad: decode steps, prefill, recompute):
             # one GEMM for q, k, v, then one QK norm and one rotary over the q and k heads together.
-            # A d20 decode step, which is launch-bound, drops from 728 to 608 ops (bench_decode
-            # --count-ops). The weights are stacked at every call, not cached: a captured CUDA
-            # graph then reads the live parameters, as the three separate GEMMs did (a cached
-            # copy would go stale after an optimizer step or load_state_dict)
-            w = torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight])
-            qkv = F.linear(x, w).view(B, T, H + 2 * Hkv, D)
+            # A d20 decode step, whose cost is its kernel count, drops from 728 to 608 ops (bench_decode
+            # --count-ops). The stacked weight is cached (qkv_weight); a captured CUDA graph
+            # reads that copy, so engine.DecodeStep recaptures when the weights change
+            qkv = F.linear(x, self.qkv_weight()).view(B, T, H + 2 * Hkv, D)
             qk, v = norm(qkv[:, :, :H + Hkv]), qkv[:, :, H + Hkv:]
             if cos_sin is not None:
                 qk = apply_rotary(qk, *cos_sin)

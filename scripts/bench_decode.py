@@ -6,6 +6,7 @@ full-attention KV decode of the same model over the whole history. Prints one JS
     python -m scripts.bench_decode --depth 12 --W 4096 --histories 4096,32768,131072,1048576
     python -m scripts.bench_decode --depth 20 --decode dynamic --dtype fp32   # the eager, autocast baseline
     python -m scripts.bench_decode --depth 20 --count-ops    # ops (and CUDA kernels) of one decode step
+    python -m scripts.bench_decode --depth 20 --W 4096 --step-breakdown   # one step: replay vs loop vs kernels
     python -m scripts.bench_decode --depth 20 --W 4096 --lens-match   # LensNet with the query-match feature
     python -m scripts.bench_decode --depth 20 --W 4096 --focus match  # refocus by query match alone
 
@@ -224,6 +225,69 @@ def count_step_ops(args, device):
     return out
 
 
+def step_breakdown(args, device, n=64):
+    """--step-breakdown: where one decode step's time goes, over a cache of W - 1 entries (the MC
+    window's shape, and full attention's at a W-token history). Per variant (static, and static
+    + torch.compile): the step alone (CUDA: n graph replays queued back to back, timed with events,
+    so the host is off the critical path), the bench's per-token loop (sample, host sync, step),
+    and one eager run under the profiler: kernels launched, their summed device time, and the
+    kernel groups that take most of it. replay >> kernel sum means gaps between kernels (launch
+    bound); loop >> replay means host work per token."""
+    model = build(args, device)
+    autocast = autocast_ctx(device.type)
+    engine = Engine(model, autocast=autocast, decode="static")
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, args.vocab, size=args.W - 1, dtype=np.int64))
+    out = {"bench": "decode_step_breakdown", "n_layer": args.depth, "n_embd": model.config.n_embd,
+           "cached_entries": args.W - 1, "variants": {}}
+    for name, compile_ in (("static", False), ("compiled", True)):
+        if compile_ and device.type != "cuda":
+            continue
+        cache = engine.new_cache(1, args.W)
+        logits = engine.prefill(ids[None].to(device), cache)
+        slot = cache.pos
+        step = DecodeStep(model, cache, engine.autocast, compile=compile_)
+        x = torch.zeros(1, 1, dtype=torch.long, device=device)
+        for _ in range(3):
+            step(x, slot)                                    # warm, compile, capture
+        synchronize(device.type)
+        row = {}
+        if step._graph is not None:
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for _ in range(n):
+                step._graph.replay()
+            e1.record()
+            synchronize(device.type)
+            row["replay_ms"] = round(e0.elapsed_time(e1) / n, 4)
+        rng = torch.Generator(device=device).manual_seed(0)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            nxt = sample_next(logits, rng, 1.0, 50)
+            int(nxt[0, 0])
+            logits = step(nxt, slot)
+        synchronize(device.type)
+        row["loop_ms"] = round((time.perf_counter() - t0) / n * 1e3, 4)
+        eager = DecodeStep(model, cache, engine.autocast, graph=False, compile=compile_)
+        eager(x, slot)
+        with profiler(device) as prof:
+            eager(x, slot)
+            synchronize(device.type)
+        if device.type == "cuda":
+            ks = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            groups = {}
+            for e in ks:
+                g = groups.setdefault(e.name[:90], [0, 0.0])
+                g[0] += 1
+                g[1] += e.device_time_total / 1e3
+            row.update(kernels=len(ks), kernel_sum_ms=round(sum(e.device_time_total for e in ks) / 1e3, 4),
+                       top_kernels=[{"kernel": k, "calls": c, "ms": round(t, 4)} for k, (c, t) in
+                                    sorted(groups.items(), key=lambda kv: -kv[1][1])[:14]])
+        out["variants"][name] = row
+        del step, eager, cache
+        reset_mem(device)
+    return out
+
+
 def run_child(argv, h, mode):
     """Each measurement runs in a fresh process, so that no allocation of one (a 128k-token KV
     cache, a 1M-token ingest) can starve the next, and peak memory is the measurement's own."""
@@ -257,6 +321,7 @@ def main():
     ap.add_argument("--dir", default=None, help="where the MC tree goes (default: a temp dir, removed)")
     ap.add_argument("--profile", action="store_true", help="add each run's top ops (torch.profiler) to its result")
     ap.add_argument("--count-ops", action="store_true", help="only count the ops (and CUDA kernels) of one decode step")
+    ap.add_argument("--step-breakdown", action="store_true", help="only time one decode step (replay, loop, kernels) at W")
     ap.add_argument("--lens-match", action="store_true", help="LensNet reads the query-match feature (GPTConfig.lens_match)")
     ap.add_argument("--focus", default="lens", choices=FOCUS_POLICIES, help="MemorySession's refocus scorer")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)  # "history,mode": one measurement
@@ -271,6 +336,9 @@ def main():
         args.dtype = "bf16" if torch.device(args.device or autodetect_device_type()).type == "cuda" else "fp32"
     if args.count_ops:
         print(json.dumps(count_step_ops(args, torch.device(args.device or autodetect_device_type()))))
+        return
+    if args.step_breakdown:
+        print(json.dumps(step_breakdown(args, torch.device(args.device or autodetect_device_type()))))
         return
     if args.child:
         h, mode = args.child.split(",")

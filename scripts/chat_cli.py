@@ -65,7 +65,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--W", type=int, default=None, help="working-context budget (default: the model's sequence_len)")
     ap.add_argument("--focus", default="lens", choices=FOCUS_POLICIES,
-                    help="who scores the memory at refocus: lens (LensNet) or match (the query's rare bigrams found in memory)")
+                    help="who scores the memory at refocus: lens (LensNet), match (the query's rare bigrams found in "
+                         "memory), match_top (only the best-matched spans) or union (max of lens and match_top)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--raw", action="store_true", help="base models: continue the prompt as plain text (no chat turns)")
     ap.add_argument("--device", default=None, help="cuda | cpu | mps (default: autodetect)")

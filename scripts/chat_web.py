@@ -658,7 +658,8 @@ def main():
     ap.add_argument("--device", default="", help="cuda | cpu | mps (default: autodetect)")
     ap.add_argument("--W", type=int, default=None, help="working-context budget (default: the engine's)")
     ap.add_argument("--focus", default="lens", choices=FOCUS_POLICIES,
-                    help="who scores the memory at refocus: lens (LensNet) or match (the query's rare bigrams found in memory)")
+                    help="who scores the memory at refocus: lens (LensNet), match (the query's rare bigrams found in "
+                         "memory), match_top (only the best-matched spans) or union (max of lens and match_top)")
     ap.add_argument("--dtype", default="auto", choices=INFERENCE_DTYPES,
                     help="weights: auto = bfloat16 on CUDA, float32 elsewhere (conversations reopen under the dtype that made them)")
     ap.add_argument("--log-level", default="info")

@@ -270,3 +270,34 @@ def test_match_index_gives_query_match_for_a_stream_appended_in_pieces(monkeypat
                           torch.from_numpy(starts)[None], torch.from_numpy(widths)[None])[0].numpy()
         got = mi.entry_mass(ids[max(N - t, 0):N], N, starts, widths)
         np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_memory_session_union_and_match_top_score_as_mc_eval(tmp_path, monkeypatch):
+    """MemorySession(focus=...) scores the entries with focus.focus_scores, as mc_eval's policies
+    of the same names: "union" is the entrywise max of LensNet's scores and match_top's, and
+    match_top never runs LensNet."""
+    from megacontext import focus as F
+    m = model(match=True).eval()
+    ids = planted(np.random.default_rng(6), n=384, at=150)
+    for policy in ("match_top", "union"):
+        s = MemorySession(m, W=48, path=str(tmp_path / policy), focus=policy)
+        s.ingest(ids)
+        seen, real = {}, m.lensnet.forward
+        m.lensnet.forward = lambda *a, **k: seen.setdefault("lens", real(*a, **k))
+        got = []
+        monkeypatch.setattr(s.focus, "refocus", lambda wc, scores: got.append(scores) or
+                            {"expanded": 0, "collapsed": 0, "first_changed": len(wc), "len": len(wc), "ms": 0.0})
+        s.refocus()
+        m.lensnet.forward = real
+        mass = s._match.entry_mass(ids[-m.config.mc_block_size:], len(ids), s.wc.starts, s.wc.widths)
+        top = F.match_scores(s.wc, mass, top=F.MATCH_TOP)
+        if policy == "match_top":
+            assert "lens" not in seen
+            np.testing.assert_allclose(got[0], top)
+        else:
+            lens = seen["lens"][0].float().numpy()
+            np.testing.assert_allclose(got[0], np.maximum(top, lens), rtol=1e-6)
+            assert (lens > top).any() and (top > lens).any(), "both scorers decide some entries"
+        s.close()
+    with pytest.raises(ValueError, match="focus policy"):
+        F.focus_scores("oracle", s.wc)
