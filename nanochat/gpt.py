@@ -323,6 +323,19 @@ def mega_summary_positions(pos, sigma, K, S):
     return mean, var.sqrt()
 
 
+@torch.library.custom_op("nanochat::cache_write", mutates_args=("cache",))
+def _cache_write(cache: torch.Tensor, slot: torch.Tensor, x: torch.Tensor) -> None:
+    """cache[:, slot] = x, in place. An op of its own so that a compiled decode step writes one
+    entry: Inductor functionalized index_copy_ on a view of the cache into a copy of the whole
+    layer's cache, in every layer (4.6 ms per d20 step at 4k entries on an H200, 1.8 eager)."""
+    cache.index_copy_(1, slot, x)
+
+
+@_cache_write.register_fake
+def _(cache, slot, x):
+    return None
+
+
 class KVCache:
     """Preallocated per-layer K/V buffers (gpt-fast style). `pos` counts entries written.
     `truncate(j)` drops entries >= j so that an edit at working-context entry j recomputes
@@ -347,8 +360,8 @@ class KVCache:
             # autocast's bf16 weight copies) to the cache: ~1 GB per decode step at d20
             raise RuntimeError("KV-cached forwards must run under torch.no_grad() (or inference_mode)")
         if self.slot is not None:  # static: GPT.forward masks the slots past `slot`
-            self.k[layer].index_copy_(1, self.slot, k.to(self.k.dtype))
-            self.v[layer].index_copy_(1, self.slot, v.to(self.v.dtype))
+            _cache_write(self.k[layer], self.slot, k.to(self.k.dtype))
+            _cache_write(self.v[layer], self.slot, v.to(self.v.dtype))
             return self.k[layer], self.v[layer]
         t0, t1 = self.pos, self.pos + k.size(1)
         if t1 > self.max_len:

@@ -476,6 +476,33 @@ def test_compiled_decode_step_leaves_the_attention_gemvs_to_cublas():
     dynamo.reset()
 
 
+def test_compiled_decode_step_writes_one_cache_entry_not_the_whole_cache():
+    """Inductor functionalized the static step's index_copy_ into a view of the cache as a copy of
+    the whole layer's cache, in every layer (H200, d20, 4k entries: a 4.6 ms step against 1.8 ms
+    eager). The write is its own op (nanochat::cache_write), so the generated code has no loop
+    over a layer's cache (a distinctive length makes the bound findable)."""
+    import re
+    import torch._dynamo as dynamo
+    from torch._inductor.utils import run_and_get_code
+    from nanochat.engine import DecodeStep
+    model = make_model(mc=False)
+    engine = Engine(model)
+    cache = engine.new_cache(1, 97)
+    engine.prefill(torch.randint(0, V, (1, 8)), cache)
+    step = DecodeStep(model, cache, compile=True)
+    step(torch.tensor([[1]]), cache.pos)           # refreshes the q/k/v stack, as every call does
+    dynamo.reset()
+    cache.slot = torch.tensor([cache.pos])
+    with torch.no_grad():
+        _, codes = run_and_get_code(torch.compile(step._forward, dynamic=False), torch.tensor([[1]]), None, None)
+    cache.slot = None
+    code = "\n".join(codes)
+    layer = cache.k[0].numel()
+    assert "nanochat.cache_write" in code
+    assert not re.search(rf"\b{layer}L\b|numel = {layer}\b", code), "a loop over a whole layer's cache"
+    dynamo.reset()
+
+
 @pytest.mark.parametrize("decode", ["static", "compiled"])
 def test_decode_sees_weights_changed_in_place(decode):
     """The one-GEMM inference path reads a cached stack of c_q/c_k/c_v (qkv_weight). An in-place
