@@ -47,7 +47,7 @@ from nanochat.gpt import KVCache, lens_features
 from megacontext.match import MatchIndex
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import WorkingContext
-from megacontext.focus import lens_allocator, focus_scores, FOCUS_POLICIES, MATCH_FOCUS
+from megacontext.focus import lens_allocator, focus_scores, FOCUS_POLICIES, MATCH_FOCUS, DEFAULT_FOCUS
 
 
 @torch.no_grad()
@@ -309,12 +309,12 @@ class MemorySession:
     ingest_chunk = 16384  # tokens per tree append during ingest (one progress callback each)
 
     def __init__(self, model, W=None, path=None, model_id=None, autocast=None, n_diff=4, tail=None, durable=False,
-                 decode="static", focus="lens"):
+                 decode="static", focus=DEFAULT_FOCUS):
         """decode: "static" = one-entry forwards (every generated token) go through a DecodeStep
         (a CUDA graph on CUDA), "compiled" and "dynamic" as in Engine. focus: who scores the
         entries at refocus (focus.FOCUS_POLICIES): "lens" (LensNet), "match" (the query-match
         feature alone: it finds a needle in a phrasing LensNet never saw), "match_top" (only the
-        best-matched spans) or "union" (max of lens and match_top; README, Results)."""
+        best-matched spans) or "union" (max of lens and match_top, the default: README, Results)."""
         c = model.config
         self._setup(model, model_id, autocast, path, decode, focus)
         if path is not None and os.path.exists(os.path.join(path, STATE_FILE)):
@@ -333,7 +333,7 @@ class MemorySession:
         self.save()
 
     @classmethod
-    def open(cls, model, path, model_id=None, autocast=None, durable=False, decode="static", focus="lens"):
+    def open(cls, model, path, model_id=None, autocast=None, durable=False, decode="static", focus=DEFAULT_FOCUS):
         """Reopen a memory that save() wrote: tree files + session.json. Another model -> UserError."""
         sp = os.path.join(path, STATE_FILE)
         if not os.path.isfile(sp):

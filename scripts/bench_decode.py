@@ -325,7 +325,8 @@ def main():
     ap.add_argument("--count-ops", action="store_true", help="only count the ops (and CUDA kernels) of one decode step")
     ap.add_argument("--step-breakdown", action="store_true", help="only time one decode step (replay, loop, kernels) at W")
     ap.add_argument("--lens-match", action="store_true", help="LensNet reads the query-match feature (GPTConfig.lens_match)")
-    ap.add_argument("--focus", default="lens", choices=FOCUS_POLICIES, help="MemorySession's refocus scorer")
+    ap.add_argument("--focus", default="lens", choices=FOCUS_POLICIES,
+                    help="MemorySession's refocus scorer (default lens, as the README's decode figures; chat's default is union)")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)  # "history,mode": one measurement
     args = ap.parse_args()
     try:

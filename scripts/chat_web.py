@@ -63,7 +63,7 @@ from nanochat.common import UserError, fail, atomic_write_json, get_base_dir, au
     autodetect_device_type, main_guard, inference_dtype, INFERENCE_DTYPES
 from nanochat.checkpoint_manager import load_checkpoint, build_model, find_last_step
 from nanochat.tokenizer import get_tokenizer
-from megacontext.focus import FOCUS_POLICIES
+from megacontext.focus import FOCUS_POLICIES, DEFAULT_FOCUS
 from nanochat.web_api import (  # request parsing + validation
     Limits, ApiError, error_body, read_body, parse_json, get_str, get_bool, get_messages, sampling_params,
     parse_multipart, RateLimiter, plain)
@@ -657,9 +657,9 @@ def main():
     ap.add_argument("--num-gpus", type=int, default=1, help="one worker (model replica) per GPU")
     ap.add_argument("--device", default="", help="cuda | cpu | mps (default: autodetect)")
     ap.add_argument("--W", type=int, default=None, help="working-context budget (default: the engine's)")
-    ap.add_argument("--focus", default="lens", choices=FOCUS_POLICIES,
+    ap.add_argument("--focus", default=DEFAULT_FOCUS, choices=FOCUS_POLICIES,
                     help="who scores the memory at refocus: lens (LensNet), match (the query's rare bigrams found in "
-                         "memory), match_top (only the best-matched spans) or union (max of lens and match_top)")
+                         "memory), match_top (only the best-matched spans) or union (max of lens and match_top; the default)")
     ap.add_argument("--dtype", default="auto", choices=INFERENCE_DTYPES,
                     help="weights: auto = bfloat16 on CUDA, float32 elsewhere (conversations reopen under the dtype that made them)")
     ap.add_argument("--log-level", default="info")

@@ -301,3 +301,5 @@ def test_memory_session_union_and_match_top_score_as_mc_eval(tmp_path, monkeypat
         s.close()
     with pytest.raises(ValueError, match="focus policy"):
         F.focus_scores("oracle", s.wc)
+    # union, the best measured policy on both held-out tasks, is what a session gets by default
+    assert F.DEFAULT_FOCUS == "union" and MemorySession(m, W=48).focus_by == "union"
