@@ -5,7 +5,7 @@ Evaluate a MegaContext checkpoint: does focus remember? Prints one JSON object, 
   python -m scripts.mc_eval --run mc --mults 4,16,64,256 --n 20
 
 - Passkey / multi-key NIAH accuracy by history length (mults x W) and needle depth, for the
-  policies in megacontext/evals.py (lens, match, oracle, recency, random, window, full). Eval examples come
+  policies in megacontext/evals.py (lens, match, match_top, union, oracle, recency, random, window, full). Eval examples come
   from held-out seeds, phrasings and answer values (megacontext/tasks.py); the same examples in
   a training phrasing are scored too ("accuracy_train_phrasing").
 - ΔNLL@H of substituting one LOD1 block (vs LOD0) and one LOD2 block (vs LOD1) on held-out text.
@@ -37,7 +37,7 @@ class EvalConfig:
     mults: str = "4,16,64,256"       # history lengths as multiples of W
     tasks: str = "passkey,multikey"
     n: int = 20                      # examples per (task, length)
-    policies: str = "lens,match,oracle,recency,random,window,full"
+    policies: str = "lens,match,match_top,union,oracle,recency,random,window,full"
     rounds: int = 8                  # refocus rounds for lens/random
     full_max: int = 0                # longest history for full attention (0: the model's sequence_len)
     dnll_n: int = 8

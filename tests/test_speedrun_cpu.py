@@ -27,7 +27,7 @@ def test_speedrun_cpu_end_to_end(tmp_path):
     # the focus diagnostic, per MC policy (its meaning is tested in test_mctrain.py): shares in [0, 1]
     lod0 = res["needle_at_lod0"]["passkey"]
     assert set(lod0) == set(res["accuracy"]["passkey"]), lod0
-    assert all(set(v) == {"lens", "match", "oracle", "recency", "random"} and all(0 <= x <= 1 for x in v.values())
+    assert all(set(v) == {"lens", "match", "match_top", "union", "oracle", "recency", "random"} and all(0 <= x <= 1 for x in v.values())
                for v in lod0.values()), lod0
     assert (tmp_path / "speedrun.log").exists()
     # the training curves of both runs, from history.json and from the saved stdout log
