@@ -70,6 +70,9 @@ def _model_bytes(model_id: str) -> bytes:
     return b
 
 
+TAIL_BYTES = 1 << 16   # a file level's newest rows stay in RAM too (up to 64 KB): see _Level.read
+
+
 class _Level:
     """One level's records: a growable numpy buffer (path None) or a .ctx file read via memmap."""
 
@@ -83,6 +86,8 @@ class _Level:
         self.buf = np.empty((0,) + self.row_shape, self.np_dtype)
         self.fd = None
         self.mm, self.mm_rows = None, 0
+        self._tbuf, self._tlen, self.tail_start = None, 0, 0   # committed rows [tail_start, count) we appended
+        self.remaps = 0
         if path is not None:
             self.fd = os.open(path, os.O_RDWR)
 
@@ -106,7 +111,30 @@ class _Level:
         if self.durable:
             _sync(self.fd)
         self.write_header(self.count + n)  # the commit point
+        self._keep_tail(rows)
         self.count += n
+
+    def _keep_tail(self, rows):
+        """The newest >= TAIL_BYTES of committed rows (fewer only when fewer exist), in a buffer of
+        twice that, shifted down when full: amortized O(1) per appended row."""
+        keep = max(1, TAIL_BYTES // self.record_bytes)
+        if self._tbuf is None or self.tail_start + self._tlen != self.count:
+            self._tbuf, self._tlen, self.tail_start = np.empty((2 * keep,) + self.row_shape, self.np_dtype), 0, self.count
+        n = len(rows)
+        if n >= keep:
+            self._tbuf[:keep], self._tlen, self.tail_start = rows[-keep:], keep, self.count + n - keep
+            return
+        if self._tlen + n > 2 * keep:   # shift the newest keep - n rows down, then append
+            old = keep - n
+            self._tbuf[:old] = self._tbuf[self._tlen - old:self._tlen]
+            self.tail_start += self._tlen - old
+            self._tlen = old
+        self._tbuf[self._tlen:self._tlen + n] = rows
+        self._tlen += n
+
+    @property
+    def tail(self):
+        return None if self._tbuf is None else self._tbuf[:self._tlen]
 
     def write_header(self, count):
         _pwrite_all(self.fd, pack_header(*self.header, count), 0)
@@ -120,14 +148,20 @@ class _Level:
             return np.empty((0,) + self.row_shape, self.np_dtype)
         if self.fd is None:
             return self.buf[start:end].copy()
+        if self.tail is not None and start >= self.tail_start:
+            # rows this process just appended: a decode step reads back its own token at every
+            # step, and each read past the map would remap the grown file (~0.1 ms, profiled on CPU)
+            return self.tail[start - self.tail_start:end - self.tail_start].copy()
         if end > self.mm_rows:  # the file grew since we mapped it: remap lazily, only when read
             self.mm = np.memmap(self.path, self.np_dtype, mode="r", offset=HEADER_BYTES,
                                 shape=(self.count,) + self.row_shape)
             self.mm_rows = self.count
+            self.remaps += 1
         return np.array(self.mm[start:end])
 
     def close(self):
         self.mm, self.mm_rows = None, 0
+        self._tbuf, self._tlen = None, 0
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None

@@ -65,6 +65,16 @@ def main():
             for i in range(args.small_appends):
                 tree.append(small[i * args.K:(i + 1) * args.K], gist_fn)
             out[tag]["small_append_ms"] = round((time.perf_counter() - t0) / args.small_appends * 1e3, 3)
+            # a decode step: append one token, read it back (MemorySession._materialize)
+            one = np.random.default_rng(3).integers(0, 65536, size=2000)
+            ts = []
+            for i, t in enumerate(one):
+                tree.append(one[i:i + 1], gist_fn)
+                t0 = time.perf_counter()
+                got = tree.tokens(tree.num_tokens - 1, tree.num_tokens)
+                ts.append(time.perf_counter() - t0)
+                assert got[0] == t
+            out[tag]["read_back_us_median"] = round(float(np.median(ts)) * 1e6, 2)
             tree.close()
 
         # reads: reopen, then sequential chunks of tokens and gists, then random single gists

@@ -17,6 +17,15 @@ def run_json(*args, timeout=120):
     return json.loads(r.stdout)  # stdout is exactly one JSON document (progress goes to stderr)
 
 
+def test_bench_tree_cpu_smoke():
+    out = run_json("scripts.bench_tree", "--tokens", "20000", "--dim", "64", "--small_appends", "8")
+    for tag in ("durable", "nondurable"):
+        r = out[tag]
+        assert r["nodes"][0] == 20000 and r["nodes"][1] == 20000 // 32 and r["append_MBps"] > 0
+        assert r["small_append_ms"] > 0 and r["read_back_us_median"] > 0
+    assert out["read"]["tokens_MBps"] > 0 and out["read"]["random_gist_read_us"] > 0
+
+
 def test_bench_mc_cpu_smoke():
     out = run_json("scripts.bench_mc", "--tokens", "20000", "--depth", "2")
     assert out["device"].startswith("CPU") and out["torch"]

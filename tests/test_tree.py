@@ -151,6 +151,32 @@ def test_disk_round_trip_matches_ram(tmp_path, dtype, n):
         assert_same_tree(ref, t)
 
 
+def test_reading_back_what_was_just_appended_needs_no_remap(tmp_path):
+    """A decode step appends its token and reads it back (MemorySession._materialize): the newest
+    rows are served from RAM, so the grown file is not remapped at every step. Reads that reach
+    older rows, past that tail, still come from the file; every read equals the RAM tree's."""
+    from megacontext import tree as T
+    ids = stream(3 * T.TAIL_BYTES // 4 + 20_000, seed=3)   # single appends that wrap the tail buffer
+    ref = ram_tree(ids, K=32, max_level=2)
+    with MegaContextTree.create(tmp_path, K=32, dim=WDIM, max_level=2, model_id=MODEL_ID, durable=False) as t:
+        t.append(ids[:-20_000], GIST)
+        lod0 = t.levels[0]
+        start = lod0.remaps
+        for i in range(len(ids) - 20_000, len(ids)):
+            t.append(ids[i:i + 1], GIST)
+            assert t.tokens(i, i + 1)[0] == ids[i]
+        assert lod0.remaps == start, "the just-appended token came from the RAM tail"
+        keep = T.TAIL_BYTES // lod0.record_bytes
+        assert keep <= len(lod0.tail) <= 2 * keep and lod0.tail_start == len(ids) - len(lod0.tail)
+        np.testing.assert_array_equal(lod0.tail, ids[lod0.tail_start:])
+        assert_same_tree(ref, t)                                # reads before the tail: the file
+        assert lod0.remaps > start
+        np.testing.assert_array_equal(t.tokens(len(ids) - keep - 5, len(ids)), ids[-keep - 5:])
+    with MegaContextTree.open(tmp_path, model_id=MODEL_ID) as t:
+        assert t.levels[0].tail is None
+        assert_same_tree(ref, t)
+
+
 def test_header_layout_and_fixed_offsets(tmp_path):
     ids = stream(1000)
     with MegaContextTree.create(tmp_path, K=32, dim=WDIM, max_level=2, dtype="bf16", model_id="gpt-d12@abc") as t:
