@@ -628,6 +628,13 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.transformer.h.parameters()) + self.lm_head.weight.numel()
         return 6 * n + 12 * c.n_layer * c.n_head * self.head_dim * T
 
+    def drop_inference_caches(self):
+        """Free the stacked q/k/v copies that KV-cached inference made (CausalSelfAttention.qkv_weight):
+        a training loop that samples between steps should not carry a stale copy of those weights."""
+        for m in self.modules():
+            if isinstance(m, CausalSelfAttention):
+                m._qkv = None
+
     def param_groups(self):
         """(matrix params for Muon, {name: params} for AdamW). Every parameter lands in exactly
         one group: GistNet/LensNet included (the earlier implementation forgot them)."""

@@ -358,6 +358,7 @@ def main():
                     ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
                     out = engine.generate_batch(ids, max_tokens=24, temperature=0.0)[0]
                     print0(f"sample: {prompt!r} -> {tokenizer.decode(out)!r}")
+            orig_model.drop_inference_caches()   # the samples' q/k/v stacks: stale after the next step
         if last or (cfg.save_every > 0 and step > start_step and step % cfg.save_every == 0):
             meta = {"history": history, "val_bpb": val_bpb, "num_params": num_params}
             save_checkpoint(out_dir, step, orig_model, optimizers, loader_state, asdict(cfg), meta)

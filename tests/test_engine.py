@@ -503,6 +503,18 @@ def test_compiled_decode_step_writes_one_cache_entry_not_the_whole_cache():
     dynamo.reset()
 
 
+def test_inference_caches_are_dropped_on_request():
+    """base_train samples between steps: the q/k/v stacks that sampling made are freed after."""
+    model = make_model(mc=False)
+    prompt = [1, 2, 3]
+    first = Engine(model).generate_batch(prompt, max_tokens=4, temperature=0.0)
+    attn = [b.attn for b in model.transformer.h]
+    assert all(a._qkv is not None for a in attn)
+    model.drop_inference_caches()
+    assert all(a._qkv is None for a in attn)
+    assert Engine(model).generate_batch(prompt, max_tokens=4, temperature=0.0) == first
+
+
 @pytest.mark.parametrize("decode", ["static", "compiled"])
 def test_decode_sees_weights_changed_in_place(decode):
     """The one-GEMM inference path reads a cached stack of c_q/c_k/c_v (qkv_weight). An in-place
