@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from nanochat.common import fail, atomic_write_json, atomic_write_bytes, autocast_ctx, lock_dir
-from nanochat.gpt import KVCache, lens_features
+from nanochat.gpt import KVCache, lens_features, weight_version
 from megacontext.match import MatchIndex
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import WorkingContext
@@ -152,7 +152,7 @@ class DecodeStep:
         # input shapes mean new static buffers and a new capture
         sig = lambda t: None if t is None else (tuple(t.shape), t.dtype)  # noqa: E731
         # versions only grow, so their sum changes with any in-place update; a .to() moves them all
-        weights = (sum(w._version for w in self._qkv_params), self._qkv_params[0].data_ptr() if self._qkv_params else 0)
+        weights = (sum(map(weight_version, self._qkv_params)), self._qkv_params[0].data_ptr() if self._qkv_params else 0)
         key = (c.k.data_ptr(), c.v.data_ptr(), tuple(c.k.shape), sig(x), sig(pos), sig(sigma), weights)
         if key != self._key:
             self._key, self._graph = key, None

@@ -387,6 +387,11 @@ class KVCache:
 # -----------------------------------------------------------------------------
 # Transformer blocks (shared by GPT, GistNet and LensNet)
 
+def weight_version(t):
+    """t's in-place update count (inference tensors, made under torch.inference_mode, keep none)."""
+    return 0 if t.is_inference() else t._version
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim, n_head, n_kv_head, layer_idx=0):
         super().__init__()
@@ -407,7 +412,7 @@ class CausalSelfAttention(nn.Module):
         ws = (self.c_q.weight, self.c_k.weight, self.c_v.weight)
         if torch.compiler.is_compiling():
             return self._qkv[1] if self._qkv is not None else torch.cat(ws)
-        key = tuple((w._version, w.data_ptr(), w.dtype) for w in ws)
+        key = tuple((weight_version(w), w.data_ptr(), w.dtype) for w in ws)
         if self._qkv is None or self._qkv[0] != key:
             self._qkv = (key, torch.cat(ws).detach())
         return self._qkv[1]

@@ -503,6 +503,16 @@ def test_compiled_decode_step_writes_one_cache_entry_not_the_whole_cache():
     dynamo.reset()
 
 
+def test_decode_with_a_model_made_under_inference_mode():
+    """Weights made under torch.inference_mode keep no version counter: the q/k/v stack and
+    DecodeStep's change check must still work (chat_web serves inside inference_mode)."""
+    with torch.inference_mode():
+        model = make_model(mc=False)
+        out = Engine(model).generate_batch([1, 2, 3], max_tokens=4, temperature=0.0)
+    assert model.transformer.h[0].attn.c_q.weight.is_inference()
+    assert out == Engine(make_model(mc=False)).generate_batch([1, 2, 3], max_tokens=4, temperature=0.0)
+
+
 def test_inference_caches_are_dropped_on_request():
     """base_train samples between steps: the q/k/v stacks that sampling made are freed after."""
     model = make_model(mc=False)
