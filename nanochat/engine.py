@@ -617,7 +617,9 @@ class MemorySession:
 
         def lens():   # LensNet's scores ("lens", "union"): "match" and "match_top" never run it
             recent = torch.from_numpy(recent_np)[None].to(dev)
-            match = None if mass is None else torch.from_numpy(mass).float()[None].to(dev)
+            # LensNet reads the match only if it was trained to (lens_match): "union" on another
+            # model computes the mass for match_top alone
+            match = torch.from_numpy(mass).float()[None].to(dev) if self.model.config.lens_match else None
             feat = lens_features(torch.from_numpy(self.wc.starts)[None].to(dev), torch.from_numpy(self.wc.widths)[None].to(dev),
                                  N, match)
             with self.autocast:

@@ -301,5 +301,18 @@ def test_memory_session_union_and_match_top_score_as_mc_eval(tmp_path, monkeypat
         s.close()
     with pytest.raises(ValueError, match="focus policy"):
         F.focus_scores("oracle", s.wc)
+    # a model trained without the feature: union's LensNet scores are the "lens" session's, whose
+    # LensNet never sees a match (only match_top reads it)
+    plain = model(match=False).eval()
+    got = {}
+    for policy in ("lens", "union"):
+        s = MemorySession(plain, W=48, path=str(tmp_path / f"plain_{policy}"), focus=policy)
+        s.ingest(ids)
+        real = plain.lensnet.forward
+        plain.lensnet.forward = lambda *a, **k: got.setdefault(policy, real(*a, **k))
+        s.refocus()
+        plain.lensnet.forward = real
+        s.close()
+    torch.testing.assert_close(got["union"], got["lens"])
     # union, the best measured policy on both held-out tasks, is what a session gets by default
     assert F.DEFAULT_FOCUS == "union" and MemorySession(m, W=48).focus_by == "union"
