@@ -26,14 +26,13 @@ import torch
 import torch.nn.functional as F
 
 from megacontext.working_context import WorkingContext
-from megacontext.focus import lens_allocator, focus_scores, FOCUS_POLICIES, MATCH_FOCUS
+from megacontext.focus import lens_allocator, focus_scores, reads_match, FOCUS_POLICIES, MATCH_FOCUS
 from megacontext.mctrain import build_table, level_offsets
 from nanochat.gpt import lens_features
 from megacontext.match import query_match, entry_match
 
 
-MATCH_POLICIES = MATCH_FOCUS   # the policies that read the query match
-MC_POLICIES = ("lens", "recency", "random") + MATCH_POLICIES   # + "oracle" (needs targets)
+MC_POLICIES = ("lens", "recency", "random") + MATCH_FOCUS   # + "oracle" (needs targets)
 POLICIES = MC_POLICIES + ("oracle", "window", "full")
 
 
@@ -130,8 +129,7 @@ def focus(model, table, offs, N, W, policy, rounds=8, n_diff=4, rng=None, target
     alloc = lens_allocator(n_diff)   # as MemorySession
     edits = 0
     for r in range(rounds):
-        reads = policy in MATCH_POLICIES or (policy == "lens" and c.lens_match)
-        mass = wc_match(wc, match_cs) if reads else None   # once per round, for both of union's scorers
+        mass = wc_match(wc, match_cs) if reads_match(policy, c.lens_match) else None   # once per round, for both of union's scorers
         if policy in FOCUS_POLICIES:   # lens, match, match_top, union: as MemorySession scores them
             scores = focus_scores(policy, wc, None if mass is None else mass.cpu().numpy(),
                                   lambda: lens_scores(model, table, offs, wc, query=query, mass=mass))
@@ -184,8 +182,7 @@ def eval_example(model, ids, N, cont, W, policies, rounds=8, rng=None, full_max=
     if mc_pol:
         table, offs = build_levels(model, hist)
         query = lens_query(model, hist, N) if {"lens", "union"} & set(mc_pol) else None
-        needs = set(MATCH_POLICIES) | ({"lens"} if model.config.lens_match else set())
-        mcs = match_cumsum(hist, N) if needs & set(mc_pol) else None
+        mcs = match_cumsum(hist, N) if any(reads_match(p, model.config.lens_match) for p in mc_pol) else None
         for p in mc_pol:
             trace = {}
             wc, edits = focus(model, table, offs, N, W, p, rounds, rng=rng, targets=targets, trace=trace, query=query,

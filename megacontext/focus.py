@@ -164,10 +164,18 @@ class FocusAllocator:
 # per entry (README, Results: the one policy good at both held-out passkey and multi-key)
 FOCUS_POLICIES = ("lens", "match", "match_top", "union")
 MATCH_FOCUS = ("match", "match_top", "union")   # the ones that read the query match
+FOCUS_HELP = ("who scores the memory at refocus: lens (LensNet), match (the query's rare bigrams found in "
+              "memory), match_top (only the best-matched spans) or union (max of lens and match_top; the default)")
 # what chat uses unless told otherwise: on one H200 run (README, Results) union was the best or
 # near it in every held-out cell (passkey 0.95 / multi-key 0.78 at 64x W; lens: 0.03 / 0.38)
 DEFAULT_FOCUS = "union"
 MATCH_TOP = 0.5   # match_top: a gist expands only with >= this share of the best span's match mass
+
+
+def reads_match(policy, lens_match):
+    """Does a refocus by this policy need the query-match mass? The match policies do, and "lens"
+    does when LensNet was trained to read it (GPTConfig.lens_match)."""
+    return policy in MATCH_FOCUS or (policy == "lens" and lens_match)
 
 
 def focus_scores(policy, wc, mass=None, lens=None):

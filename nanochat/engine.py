@@ -47,7 +47,7 @@ from nanochat.gpt import KVCache, lens_features, weight_version
 from megacontext.match import MatchIndex
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import WorkingContext
-from megacontext.focus import lens_allocator, focus_scores, FOCUS_POLICIES, MATCH_FOCUS, DEFAULT_FOCUS
+from megacontext.focus import lens_allocator, focus_scores, reads_match, FOCUS_POLICIES, DEFAULT_FOCUS
 
 
 @torch.no_grad()
@@ -606,7 +606,7 @@ class MemorySession:
         r = min(self.model.lens_context(t), N)
         recent_np = self.tree.tokens(N - r, N).astype(np.int64)
         mass = None
-        if self.model.config.lens_match or self.focus_by in MATCH_FOCUS:
+        if reads_match(self.focus_by, self.model.config.lens_match):
             # the query-match feature from an index of the history's bigrams, caught up with the
             # tree here (built whole at the first refocus after open): no pass over the history
             if self._match is None:

@@ -24,7 +24,7 @@ from nanochat.common import main_guard, fail, get_base_dir, autodetect_device_ty
 from nanochat.checkpoint_manager import load_checkpoint, build_model
 from nanochat.tokenizer import get_tokenizer
 from nanochat.engine import MemorySession, STATE_FILE
-from megacontext.focus import FOCUS_POLICIES, DEFAULT_FOCUS
+from megacontext.focus import FOCUS_POLICIES, DEFAULT_FOCUS, FOCUS_HELP
 
 
 def reply(session, tok, ids, args):
@@ -65,8 +65,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--W", type=int, default=None, help="working-context budget (default: the model's sequence_len)")
     ap.add_argument("--focus", default=DEFAULT_FOCUS, choices=FOCUS_POLICIES,
-                    help="who scores the memory at refocus: lens (LensNet), match (the query's rare bigrams found in "
-                         "memory), match_top (only the best-matched spans) or union (max of lens and match_top; the default)")
+                    help=FOCUS_HELP)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--raw", action="store_true", help="base models: continue the prompt as plain text (no chat turns)")
     ap.add_argument("--device", default=None, help="cuda | cpu | mps (default: autodetect)")

@@ -63,7 +63,7 @@ from nanochat.common import UserError, fail, atomic_write_json, get_base_dir, au
     autodetect_device_type, main_guard, inference_dtype, INFERENCE_DTYPES
 from nanochat.checkpoint_manager import load_checkpoint, build_model, find_last_step
 from nanochat.tokenizer import get_tokenizer
-from megacontext.focus import FOCUS_POLICIES, DEFAULT_FOCUS
+from megacontext.focus import FOCUS_POLICIES, DEFAULT_FOCUS, FOCUS_HELP
 from nanochat.web_api import (  # request parsing + validation
     Limits, ApiError, error_body, read_body, parse_json, get_str, get_bool, get_messages, sampling_params,
     parse_multipart, RateLimiter, plain)
@@ -658,8 +658,7 @@ def main():
     ap.add_argument("--device", default="", help="cuda | cpu | mps (default: autodetect)")
     ap.add_argument("--W", type=int, default=None, help="working-context budget (default: the engine's)")
     ap.add_argument("--focus", default=DEFAULT_FOCUS, choices=FOCUS_POLICIES,
-                    help="who scores the memory at refocus: lens (LensNet), match (the query's rare bigrams found in "
-                         "memory), match_top (only the best-matched spans) or union (max of lens and match_top; the default)")
+                    help=FOCUS_HELP)
     ap.add_argument("--dtype", default="auto", choices=INFERENCE_DTYPES,
                     help="weights: auto = bfloat16 on CUDA, float32 elsewhere (conversations reopen under the dtype that made them)")
     ap.add_argument("--log-level", default="info")
@@ -690,7 +689,7 @@ def main():
     ckpt = load_checkpoint(ckpt_dir, step=step, device="cpu")
     models = [build_model(ckpt, d, tokenizer, dtype=inference_dtype(args.dtype, device_type)) for d in devices]
     del ckpt
-    session_kw = {"W": args.W, "focus": args.focus} if args.W else {"focus": args.focus}
+    session_kw = {"focus": args.focus, **({"W": args.W} if args.W else {})}
     app = create_app(models, tokenizer, data_dir, limits, model_name=name, session_kw=session_kw)
     print(f"chat_web: model {name} step {step} on {', '.join(map(str, devices))}; conversations in {data_dir}; "
           f"http://{args.host}:{args.port}/", flush=True)

@@ -37,7 +37,7 @@ class EvalConfig:
     mults: str = "4,16,64,256"       # history lengths as multiples of W
     tasks: str = "passkey,multikey"
     n: int = 20                      # examples per (task, length)
-    policies: str = "lens,match,match_top,union,oracle,recency,random,window,full"
+    policies: str = ",".join(POLICIES)
     rounds: int = 8                  # refocus rounds for lens/random
     full_max: int = 0                # longest history for full attention (0: the model's sequence_len)
     dnll_n: int = 8
