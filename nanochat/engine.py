@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from nanochat.common import fail, atomic_write_json, atomic_write_bytes, autocast_ctx, lock_dir
-from nanochat.gpt import KVCache, lens_features, weight_version
+from nanochat.gpt import lens_features, weight_version
+from nanochat.attention import KVCache
 from megacontext.match import MatchIndex
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import WorkingContext

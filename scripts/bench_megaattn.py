@@ -25,7 +25,8 @@ import argparse
 import torch
 
 from nanochat.common import compute_init, autocast_ctx, synchronize
-from nanochat.gpt import GPT, GPTConfig, mega_num_summaries, mega_mask
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.attention import mega_num_summaries, mega_mask
 
 
 def parse_ints(s):
@@ -35,7 +36,7 @@ def parse_ints(s):
 def attention_only(args, device, H, D):
     """fwd+bwd ms of the attention op alone at the model's shapes (bf16): SDPA causal (what "full"
     runs without flash-attn), FlexAttention causal, FlexAttention MegaAttention over T + S."""
-    from nanochat.gpt import attention, create_block_mask
+    from nanochat.attention import attention, create_block_mask
 
     def bench(fn, L, B):
         q, k, v = (torch.randn(B, L, H, D, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from nanochat import gpt as G
-from nanochat.gpt import (GPT, GPTConfig, attention, mega_attention_mask, mega_mask, mega_mask_mod,
-                          mega_num_summaries, mega_summary_positions)
+from nanochat import attention as A
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.attention import (attention, mega_attention_mask, mega_mask, mega_mask_mod, mega_num_summaries,
+                                mega_summary_positions)
 from megacontext.working_context import WorkingContext
 
 V = 128
@@ -161,7 +163,7 @@ def test_sdpa_path_matches_naive(T, w, K):
     torch.testing.assert_close(y, naive_attention(q, k, v, T, w, K), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(G.create_block_mask is None, reason="no FlexAttention in this torch build")
+@pytest.mark.skipif(A.create_block_mask is None, reason="no FlexAttention in this torch build")
 @pytest.mark.parametrize("T,w,K", [(200, 40, 8)])  # L = 220: several 128-blocks, a ragged last one
 def test_flex_path_matches_sdpa(T, w, K):
     """flex_attention runs forward-only on CPU in eager mode (unfused; "FlexAttention does not
@@ -169,7 +171,7 @@ def test_flex_path_matches_sdpa(T, w, K):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     q, k, v = (t.to(dev).requires_grad_(dev == "cuda") for t in qkv(T, w, K))
     bm = mega_mask(T, w, K, dev, "flex")
-    assert isinstance(bm, G.BlockMask) and mega_mask(T, w, K, dev, "flex") is bm  # cached per layout
+    assert isinstance(bm, A.BlockMask) and mega_mask(T, w, K, dev, "flex") is bm  # cached per layout
     y_flex = attention(q, k, v, attn_mask=bm)
     y_sdpa = attention(q, k, v, attn_mask=mega_mask(T, w, K, dev, "sdpa"))
     torch.testing.assert_close(y_flex, y_sdpa, atol=1e-5, rtol=1e-5)
@@ -225,7 +227,7 @@ def test_model_sdpa_matches_naive_layers_and_flex():
         G.attention = orig
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert (out - model(x, mega=0)).abs().max() > 1e-3  # MegaAttention really changed something
-    if G.create_block_mask is not None:
+    if A.create_block_mask is not None:
         model.config.mega_attn_impl = "flex"
         with torch.no_grad():  # FlexAttention has no backward on CPU (eager, unfused)
             torch.testing.assert_close(model(x), out, atol=1e-5, rtol=1e-5)

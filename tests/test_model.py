@@ -10,7 +10,8 @@ import torch
 
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig, KVCache, attention, decode_attention, _avoid_cudnn, apply_rotary, rotary_tables, GistNet, LensNet, rotary_cos_sin, lens_features, LENS_FEATURES
+from nanochat.gpt import GPT, GPTConfig, apply_rotary, rotary_tables, GistNet, LensNet, rotary_cos_sin, lens_features, LENS_FEATURES
+from nanochat.attention import KVCache, attention, decode_attention, _avoid_cudnn
 from nanochat.engine import Engine
 
 V = 128  # vocab of the tiny models
