@@ -388,7 +388,7 @@ class MemorySession:
         self.autocast = autocast if autocast is not None else autocast_ctx(self.device.type)
         self.model_id = model_id if model_id is not None else compute_model_id(model)
         self.tree, self._lock_fd, self.closed, self.recovered = None, None, False, {}
-        self._match = None   # MatchIndex of the history's bigrams (lens_match or focus="match"), built lazily
+        self._match = None   # MatchIndex of the history's bigrams (when focus.reads_match), built lazily
 
     def _lock_dir(self):
         if self.path is None:
