@@ -5,6 +5,11 @@ for a given depth and batch, on random tokens. Prints one JSON object.
   python -m scripts.bench_train --depth 20 --batch 32 --seq 2048
   torchrun --standalone --nproc_per_node=2 -m scripts.bench_train --depth 20   # weak scaling
   python -m scripts.bench_train --depth 8 --batch 8 --megacontext --mc-context-len 16384 --mc-W 512
+  python -m scripts.bench_train --like-train "--config mc_h100"   # the shapes of a base_train run
+
+--like-train takes base_train's flags (a --config preset and overrides, as scripts/mc_run.sh passes
+them) and benches that run's shapes: depth, width, heads, sequence length, contexts per step, W, H,
+rows per context, LensNet inputs and compile mode; the vocab is the preset's tok_train vocab_size.
 
 With --megacontext the same process also times the MegaContext training step (MCStep: tree with
 gradients + full-detail loss + packed working-context rows + LensNet) on the same model, and
@@ -15,6 +20,7 @@ dense peak (989 TFLOP/s for H100/H200 SXM).
 """
 import json
 import time
+import shlex
 import argparse
 
 import torch
@@ -51,7 +57,14 @@ def main():
     ap.add_argument("--mc-collapse-probes", action="store_true", help="+ one collapse counterfactual row per context")
     ap.add_argument("--mc-compile", default="pieces", choices=COMPILE_MODES,
                     help="torch.compile the model/GistNet/LensNet forwards, or the whole MC step")
+    ap.add_argument("--like-train", default="", metavar="FLAGS",
+                    help="base_train flags (e.g. '--config mc_h100 --mc-probes 2'): bench that run's shapes")
+    ap.add_argument("--mc-lens-match", action="store_true", help="LensNet reads the query-match feature")
+    ap.add_argument("--mc-lens-query", default="tokens")
+    ap.add_argument("--gqa-ratio", type=int, default=1)
     args = ap.parse_args()
+    if args.like_train:
+        like_train(args)
     if args.megacontext and args.mc_context_len % args.seq:
         raise SystemExit("error: --mc-context-len must be a multiple of --seq")
 
@@ -61,8 +74,9 @@ def main():
 
     def build(megacontext):
         cfg = GPTConfig(sequence_len=args.seq, vocab_size=args.vocab, n_layer=args.depth, n_head=n_head,
-                        n_kv_head=n_head, n_embd=n_embd, megacontext=megacontext,
-                        mc_block_size=args.mc_block_size, mc_max_level=args.mc_max_level)
+                        n_kv_head=n_head // args.gqa_ratio, n_embd=n_embd, megacontext=megacontext,
+                        mc_block_size=args.mc_block_size, mc_max_level=args.mc_max_level,
+                        lens_query=args.mc_lens_query, lens_match=args.mc_lens_match)
         with torch.device("meta"):
             m = GPT(cfg)
         m.to_empty(device=device)
@@ -123,6 +137,8 @@ def main():
         "peak_mem_gb": peak_mem,
         "compiled": bool(args.compile and device.type == "cuda"), "torch": torch.__version__,
     }
+    if args.like_train:
+        out["like_train"] = args.like_train
     if args.megacontext:
         model = opts = raw = None  # free the plain model before the MC one is built
         out["mc"] = bench_mc_step(args, build(True), timed, device, rank, ddp, local_rank, world)
@@ -130,6 +146,26 @@ def main():
     print0(json.dumps(out))
     model = None  # the DDP wrapper must go before the process group: see compute_cleanup
     compute_cleanup()
+
+
+def like_train(args):
+    """Fill args from base_train's flags: the shapes and MC settings of that run (a plain step of
+    the same rows, then the MC step over device_batch_size contexts of mc_context_len tokens)."""
+    from scripts.base_train import TrainConfig
+    from nanochat.configurator import parse_config, load_toml
+    argv = shlex.split(args.like_train)
+    cfg = parse_config(TrainConfig, argv, section="base_train")
+    if "--config" in argv[:-1]:
+        vocab = load_toml(argv[argv.index("--config") + 1], "tok_train")[0].get("vocab_size")
+        args.vocab = vocab or args.vocab
+    args.depth, args.aspect_ratio, args.head_dim, args.gqa_ratio = cfg.depth, cfg.aspect_ratio, cfg.head_dim, cfg.gqa_ratio
+    args.seq, args.megacontext = cfg.max_seq_len, cfg.megacontext
+    args.batch = cfg.device_batch_size * (cfg.mc_context_len // cfg.max_seq_len if cfg.megacontext else 1)
+    args.mc_context_len, args.mc_W, args.mc_H = cfg.mc_context_len, cfg.mc_W, cfg.mc_H
+    args.mc_block_size, args.mc_max_level = cfg.mc_block_size, cfg.mc_max_level
+    args.mc_random_wcs, args.mc_probes, args.mc_collapse_probes = cfg.mc_random_wcs, cfg.mc_probes, cfg.mc_collapse_probes
+    args.mc_compile, args.mc_lens_match, args.mc_lens_query = cfg.mc_compile, cfg.mc_lens_match, cfg.mc_lens_query
+    args.compile = int(cfg.compile)
 
 
 def bench_mc_step(args, raw_opts, timed, device, rank, ddp, local_rank, world):
@@ -158,7 +194,8 @@ def bench_mc_step(args, raw_opts, timed, device, rank, ddp, local_rank, world):
     dt, mem = timed(fwd, make_inputs, raw_opts)
     fwd = None  # the DDP wrapper must go before the process group: see compute_cleanup
     rows = B * (1 + args.mc_random_wcs + 1 + args.mc_probes + int(args.mc_collapse_probes))
-    return {"contexts": B, "context_len": T, "W": args.mc_W, "H": args.mc_H, "compile": args.mc_compile, "rows_per_step": rows,
+    return {"contexts": B, "context_len": T, "W": args.mc_W, "H": args.mc_H, "compile": args.mc_compile,
+            "random_wcs": args.mc_random_wcs, "probes": args.mc_probes, "lens_match": args.mc_lens_match, "rows_per_step": rows,
             "row_tokens_per_step": rows * (args.mc_W + args.mc_H - 1), "step_ms": round(dt * 1000, 2),
             "tok_per_s": round(B * T * world / dt), "peak_mem_gb": mem}
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The MegaContext evidence run, one command that trains and evaluates (DESIGN §8, §11):
 #   tokenizer -> MC training (time-boxed) -> mc_eval (NIAH/passkey, ΔNLL, loss vs distance, focus
-#   policies) -> MC vs plain training throughput in one process.
+#   policies) -> MC vs plain training throughput at the run's shapes and flags (BENCH=0 skips it).
 #
 #   bash scripts/mc_run.sh                    # one H100: under 10 minutes (config mc_h100)
 #   NPROC=4 bash scripts/mc_run.sh            # MC training under torchrun on 4 GPUs, same global batch
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 PY="${PY:-python3}"
 CONFIG="${CONFIG:-mc_h100}"
 BUDGET="${BUDGET:-}"                      # minutes of MC training (default: the config's time_budget_min)
-BENCH="${BENCH:-0}"                       # 1: also the MC-vs-plain throughput bench (~2 min; scripts/gpu_bench.sh has it)
+BENCH="${BENCH:-1}"                       # 1: then MC vs plain training throughput at the run's shapes (bench_train --like-train; ~1-2 min)
 NPROC="${NPROC:-1}"                       # >1: train on NPROC GPUs (torchrun); each takes 1/NPROC of the contexts
 read -r -a TRAIN_ARGS <<< "${TRAIN_ARGS:-}"  # extra base_train flags, e.g. TRAIN_ARGS="--mc-collapse-probes true"
 read -r -a EVAL_ARGS <<< "${EVAL_ARGS:-}"    # extra mc_eval flags, e.g. EVAL_ARGS="--n 50"
@@ -46,11 +46,13 @@ if [ "$NPROC" -gt 1 ]; then  # the config's global batch is kept: its contexts a
   LAUNCH=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC")
   SPLIT=(--device-batch-size $(( dbs / NPROC )))
 fi
-if [ "$CONFIG" = "mc_h100" ] && [ "$BENCH" = 1 ]; then  # the same shapes as the run: d8, 8 contexts x 16384 tokens, W=512
-  "$PY" -m scripts.bench_train --depth 8 --batch 64 --seq 2048 --vocab 8192 --steps 10 --warmup 5 \
-    --megacontext --mc-context-len 16384 --mc-W 512 --mc-H 64 2>&1 | tee "$LOG/bench_train_mc.json"
-fi
 "$PY" -m scripts.tok_train --config "$CONFIG" 2>&1 | tee "$LOG/tok_train.log"
 "${LAUNCH[@]}" -m scripts.base_train --config "$CONFIG" "${SPLIT[@]}" ${BUDGET:+--time-budget-min "$BUDGET"} "${TRAIN_ARGS[@]}" 2>&1 | tee "$LOG/base_train.log"
 "$PY" -m scripts.mc_eval --config "$CONFIG" "${EVAL_ARGS[@]}" 2>&1 | tee "$LOG/mc_eval.log"
+finish  # the results are kept before the bench, should it not finish
+if [ "$BENCH" = 1 ]; then  # MC vs plain tokens/s at this run's shapes (same flags), same processes
+  "${LAUNCH[@]}" -m scripts.bench_train --like-train "--config $CONFIG ${SPLIT[*]} ${TRAIN_ARGS[*]}" \
+    --steps 10 --warmup 5 > "$LOG/bench_train_mc.json"
+  cat "$LOG/bench_train_mc.json"
+fi
 echo "mc_run: done in $(( $(date +%s) - t0 ))s"

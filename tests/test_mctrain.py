@@ -761,12 +761,14 @@ def test_compile_mc_wraps_the_pieces_or_the_whole_step():
         compile_mc(MCStep(mc_model(), W, H), "graph")
 
 
-def test_mc_step_traces_without_graph_breaks_beyond_rotary():
+@pytest.mark.parametrize("lens_match", [False, True])
+def test_mc_step_traces_without_graph_breaks_beyond_rotary(lens_match):
     """Compile-friendliness: TorchDynamo traces the whole MC step; the only breaks are the calls
     to rotary_cos_sin, which is kept out of compiled graphs on purpose (fp64 tables, once per
-    forward). A host sync, a data-dependent Python branch or a generator argument would show here."""
+    forward). A host sync, a data-dependent Python branch or a generator argument would show here.
+    With lens_match the step also computes each entry's query match (mc_h100 trains with it)."""
     import torch._dynamo as dynamo
-    model = mc_model(seed=0, perturbed=True)
+    model = mc_model(seed=0, perturbed=True, lens_match=lens_match)
     step = MCStep(model, W, H)
     ids = torch.from_numpy(stream(np.random.default_rng(0), 2, T))
     dynamo.reset()

@@ -73,6 +73,9 @@ def test_mc_run_trains_under_torchrun_with_nproc(tmp_path):
     run_dir = next((tmp_path / "base" / "runs").iterdir())
     assert load_checkpoint(str(run_dir))["train_config"]["mc_task_open_nouns"] is True
     assert (tmp_path / "out" / "mc_eval.json").exists()
+    bench = json.loads((tmp_path / "out" / "bench_train_mc.json").read_text())   # BENCH=1: the run's shapes
+    assert bench["world_size"] == 2 and "--mc-collapse-probes true" in bench["like_train"]
+    assert bench["mc"]["rows_per_step"] == 1 * (1 + 2 + 1 + 4 + 1) and bench["mc_over_plain_tok_per_s"] > 0
     for bad in ("3", "two", "0"):
         r = subprocess.run(["bash", "scripts/mc_run.sh"], cwd=REPO, env={**env, "NPROC": bad},
                            capture_output=True, text=True, timeout=60)
