@@ -20,11 +20,12 @@ step() {  # name timeout_s command...
 step train_d12   120 "$PY" -m scripts.bench_train --depth 12 --batch 32 --seq 2048 --vocab 32768 --steps 10 --warmup 4
 step train_d20   150 "$PY" -m scripts.bench_train --depth 20 --batch 16 --seq 2048 --vocab 65536 --steps 10 --warmup 4
 step train_d20_b24 150 "$PY" -m scripts.bench_train --depth 20 --batch 24 --seq 2048 --vocab 65536 --steps 10 --warmup 4  # 32 runs out of memory on an H100
-step train_mc_d8 150 "$PY" -m scripts.bench_train --depth 8 --batch 64 --seq 2048 --vocab 8192 --steps 10 --warmup 5 \
-  --megacontext --mc-context-len 16384 --mc-W 512 --mc-H 64
-step train_mc_d8_step 150 "$PY" -m scripts.bench_train --depth 8 --batch 64 --seq 2048 --vocab 8192 --steps 10 --warmup 5 \
-  --megacontext --mc-context-len 16384 --mc-W 512 --mc-H 64 --mc-compile step
+step train_mc_d8 150 "$PY" -m scripts.bench_train --like-train "--config mc_h100" --steps 10 --warmup 5   # the evidence run's shapes
+step train_mc_d8_16k 150 "$PY" -m scripts.bench_train --like-train "--config mc_h100 --device-batch-size 8 --mc-context-len 16384" --steps 10 --warmup 5
 step mc          150 "$PY" -m scripts.bench_mc
 step megaattn    150 "$PY" -m scripts.bench_megaattn --W 2048,8192,16384
 step decode      300 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,131072,1048576 --steps 64
 step decode_compiled 300 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,131072,1048576 --steps 64 --decode compiled
+step decode_union 300 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,131072,1048576 --steps 256 --max-full 0 --focus union
+step decode_compiled_profile 200 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 131072 --steps 96 --max-full 0 --decode compiled --profile
+step decode_static_profile 200 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 131072 --steps 96 --max-full 0 --profile

@@ -90,6 +90,7 @@ def test_bench_decode_with_the_query_match_feature_and_focus():
                        "--histories", "1024", "--steps", "40", "--max-full", "0", "--device", "cpu", *flags, timeout=240)
         mc = out["results"][0]["mc"]
         assert mc["refocus_calls"] >= 1 and mc["ms_per_tok"] > 0, flags
+        assert mc["prefill_ms"] > 0 and mc["prefill_warm_ms"] > 0, "cold and warm whole-window recompute"
         assert out["config"]["lens_match"] == (flags == ["--lens-match"]) and out["focus"] == flags[-1].replace("--lens-match", "lens")
 
 
