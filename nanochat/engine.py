@@ -615,6 +615,7 @@ class MemorySession:
             if self._match.n < N:
                 self._match.append(self.tree.tokens(self._match.n, N))
             mass = self._match.entry_mass(recent_np[-t:], N, self.wc.starts, self.wc.widths)
+        prep_ms = (time.perf_counter() - t0) * 1e3
 
         def lens():   # LensNet's scores ("lens", "union"): "match" and "match_top" never run it
             recent = torch.from_numpy(recent_np)[None].to(dev)
@@ -631,7 +632,9 @@ class MemorySession:
         lens_ms = (time.perf_counter() - t0) * 1e3
         tel = self.focus.refocus(self.wc, scores)
         tel["alloc_ms"] = tel.pop("ms")
-        tel.update(lens_ms=lens_ms, ms=(time.perf_counter() - t0) * 1e3, recompute=len(self.wc) - tel["first_changed"],
+        # prep: window sync, entry embeddings, query match; lens: prep + the scores (LensNet's GPU time
+        # included: its scores come back to the host); alloc: the allocator's edits
+        tel.update(prep_ms=prep_ms, lens_ms=lens_ms, ms=(time.perf_counter() - t0) * 1e3, recompute=len(self.wc) - tel["first_changed"],
                    per_level=self.wc.level_counts().tolist())
         self.counters["refocus_calls"] += 1
         self.counters["refocus_ms"] += tel["ms"]

@@ -79,9 +79,11 @@ def bench_mc(model, ids, args, device, autocast, root):
         synchronize(device.type)
         c0 = dict(s.counters)
         t0 = time.perf_counter()
+        tels = []
         with torch.profiler.record_function("bench.generate"):
-            for _ in s.generate(args.steps, temperature=1.0, top_k=50, seed=0):
-                pass
+            for _, tel in s.generate(args.steps, temperature=1.0, top_k=50, seed=0):
+                if tel is not None:
+                    tels.append(tel)
         synchronize(device.type)
         dt = time.perf_counter() - t0
         c = {k: s.counters[k] - c0[k] for k in ("recomputed", "reused", "refocus_calls", "refocus_ms", "edits")}
@@ -98,6 +100,9 @@ def bench_mc(model, ids, args, device, autocast, root):
                 "prefill_ms": round(prefill_s * 1e3, 2), "prefill_warm_ms": round(float(np.median(warm)), 2), "entries": len(s), "per_level": s.wc.level_counts().tolist(),
                 "recomputed_per_tok": round(c["recomputed"] / args.steps, 2), "refocus_calls": c["refocus_calls"],
                 "refocus_ms_mean": round(c["refocus_ms"] / max(1, c["refocus_calls"]), 3),
+                # where a refocus goes: sync + embeddings + query match, then scoring, then the allocator
+                **{f"refocus_{k}_mean": round(float(np.mean([t[k] for t in tels])), 3) if tels else None
+                   for k in ("prep_ms", "lens_ms", "alloc_ms")},
                 "edits_per_refocus": round(c["edits"] / max(1, c["refocus_calls"]), 2)}
     finally:
         s.close()

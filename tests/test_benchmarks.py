@@ -91,6 +91,8 @@ def test_bench_decode_with_the_query_match_feature_and_focus():
         mc = out["results"][0]["mc"]
         assert mc["refocus_calls"] >= 1 and mc["ms_per_tok"] > 0, flags
         assert mc["prefill_ms"] > 0 and mc["prefill_warm_ms"] > 0, "cold and warm whole-window recompute"
+        assert 0 <= mc["refocus_prep_ms_mean"] <= mc["refocus_lens_ms_mean"] <= mc["refocus_ms_mean"] + 1e-3
+        assert mc["refocus_alloc_ms_mean"] > 0
         assert out["config"]["lens_match"] == (flags == ["--lens-match"]) and out["focus"] == flags[-1].replace("--lens-match", "lens")
 
 
