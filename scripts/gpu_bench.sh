@@ -21,7 +21,8 @@ step train_d12   120 "$PY" -m scripts.bench_train --depth 12 --batch 32 --seq 20
 step train_d20   150 "$PY" -m scripts.bench_train --depth 20 --batch 16 --seq 2048 --vocab 65536 --steps 10 --warmup 4
 step train_d20_b24 150 "$PY" -m scripts.bench_train --depth 20 --batch 24 --seq 2048 --vocab 65536 --steps 10 --warmup 4  # 32 runs out of memory on an H100
 step train_mc_d8 150 "$PY" -m scripts.bench_train --like-train "--config mc_h100" --steps 10 --warmup 5   # the evidence run's shapes
-step train_mc_d8_16k 150 "$PY" -m scripts.bench_train --like-train "--config mc_h100 --device-batch-size 8 --mc-context-len 16384" --steps 10 --warmup 5
+step train_mc_d8_pieces 150 "$PY" -m scripts.bench_train --like-train "--config mc_h100 --mc-compile pieces" --steps 10 --warmup 5
+step train_mc_d8_ctx64k 150 "$PY" -m scripts.bench_train --like-train "--config mc_h100 --mc-context-len 65536 --device-batch-size 2 --mc-random-wcs 1 --mc-probes 2" --steps 10 --warmup 5
 step mc          150 "$PY" -m scripts.bench_mc
 step megaattn    150 "$PY" -m scripts.bench_megaattn --W 2048,8192,16384
 step decode      300 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,131072,1048576 --steps 64
