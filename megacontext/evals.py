@@ -36,6 +36,20 @@ MC_POLICIES = ("lens", "recency", "random") + MATCH_FOCUS   # + "oracle" (needs 
 POLICIES = MC_POLICIES + ("oracle", "window", "full")
 
 
+def wilson_interval(p, n, z=1.96):
+    """The Wilson score interval (95% at z = 1.96) of an accuracy p measured on n examples: the
+    band the plots draw. Unlike p +- z*sqrt(p(1-p)/n) it stays inside [0, 1] and is not empty at
+    p = 0 or 1 (at n = 40: 0/40 -> [0, 0.088], 20/40 -> [0.352, 0.648])."""
+    if n <= 0:
+        raise ValueError(f"wilson_interval needs n >= 1 examples, got {n}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"accuracy must be in [0, 1], got {p}")
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / d
+    return max(0.0, c - h), min(1.0, c + h)
+
+
 @torch.no_grad()
 def build_levels(model, ids):
     """ids (N,) on device -> node table (rows: tokens, LOD1 gists, LOD2 ...) and level offsets:

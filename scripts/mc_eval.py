@@ -24,7 +24,7 @@ from nanochat.checkpoint_manager import load_checkpoint, build_model
 from nanochat.tokenizer import get_tokenizer
 from nanochat.dataset import documents_iter_batched
 from megacontext import tasks
-from megacontext.evals import eval_example, substitution_dnll, POLICIES
+from megacontext.evals import eval_example, substitution_dnll, wilson_interval, POLICIES
 
 
 @dataclass
@@ -75,15 +75,23 @@ def plot(results, out_dir, W):
         fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
         for ax, (name, acc) in zip(axes[0], panels):
             lens = sorted(int(k) for k in acc)
+            n = results["config"].get("n")
             for pol in sorted({q for v in acc.values() for q in v}):
                 xs = [L for L in lens if pol in acc[str(L)]]
-                ax.plot(xs, [acc[str(L)][pol] for L in xs], marker="o", label=pol, color=colors.get(pol))
+                ys = [acc[str(L)][pol] for L in xs]
+                ax.plot(xs, ys, marker="o", label=pol, color=colors.get(pol))
+                if n:   # the 95% Wilson interval of each point's n examples: a band, or a bar for one point
+                    lo, hi = zip(*(wilson_interval(y, n) for y in ys))
+                    if len(xs) > 1:
+                        ax.fill_between(xs, lo, hi, color=colors.get(pol), alpha=0.12, linewidth=0)
+                    else:
+                        ax.errorbar(xs, ys, yerr=[[ys[0] - lo[0]], [hi[0] - ys[0]]], color=colors.get(pol), capsize=3)
             ax.set_xscale("log", base=2)
             ax.set_xlabel(f"history length (tokens); W = {W} entries")
             ax.set_ylabel("accuracy")
             ax.set_ylim(-0.02, 1.02)
-            ax.set_title(f"{task}, {name}")
-            ax.legend()
+            ax.set_title(f"{task}, {name}" + (f" ({n} examples per point, 95% bands)" if n else ""))
+            ax.legend(fontsize=8)
         p = os.path.join(out_dir, f"acc_{task}.png")
         fig.tight_layout()
         fig.savefig(p, dpi=120)
