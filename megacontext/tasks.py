@@ -19,6 +19,8 @@ Notable:
   examples and returns a loss-weight mask that up-weights the answer tokens.
 """
 
+import re
+
 import numpy as np
 
 TRAIN_SEED_BASE = 0
@@ -134,12 +136,41 @@ WORDS = (
 OPEN_HEADS = ("number", "code", "key", "value", "id", "word", "tag", "token", "label", "pin")
 
 
-def open_template(kind, rng):
-    """A training template for `kind` ("passkey", "multikey", "multivalue") with a random noun."""
+def open_template(kind, rng, words=None):
+    """A training template for `kind` ("passkey", "multikey", "multivalue") with a random noun:
+    a WORDS word and an OPEN_HEADS word, or (words given, e.g. open_vocab(...)) two words drawn
+    from `words`."""
     shapes = PK_SHAPES if kind == "passkey" else MAGIC_SHAPES
     shape = shapes[int(rng.integers(len(shapes)))]
-    noun = f"{WORDS[int(rng.integers(len(WORDS)))]} {OPEN_HEADS[int(rng.integers(len(OPEN_HEADS)))]}"
+    if words is None:
+        noun = f"{WORDS[int(rng.integers(len(WORDS)))]} {OPEN_HEADS[int(rng.integers(len(OPEN_HEADS)))]}"
+    else:
+        i, j = rng.choice(len(words), 2, replace=False)
+        noun = f"{words[i]} {words[j]}"
     return tuple(t.replace("{n}", noun) for t in shape)
+
+
+def held_out_words():
+    """Every word of the held-out phrasings (fmt 2 of each task), lowercased: open_vocab never
+    draws one, so the eval phrasing's nouns stay unseen as nouns."""
+    text = " ".join(" ".join(t[2]) for t in (PASSKEY_TEMPLATES, MAGIC_TEMPLATES, KV_TEMPLATES))
+    return frozenset(w.lower() for w in re.findall(r"[A-Za-z]+", text))
+
+
+def open_vocab(token_strings, min_len=3, max_len=12):
+    """Nouns for open_template(words=...) from a tokenizer's vocabulary: the tokens that are one
+    lowercase word after a space (" falcon"), minus the held-out phrasings' words. With WORDS x
+    OPEN_HEADS (400 nouns from 50 words) LensNet ranked a held-out multi-key needle first at every
+    length but a held-out passkey needle ("access code") almost never (README, #4): it could have
+    learned to spot those 50 words rather than to match the question's noun. Thousands of
+    one-token words leave matching as the only rule that works. Sorted, so a seed gives the same
+    nouns for the same tokenizer."""
+    held = held_out_words()
+    pat = re.compile(rf"^ [a-z]{{{min_len},{max_len}}}$")
+    out = sorted({t[1:] for t in token_strings if pat.match(t) and t[1:] not in held})
+    if len(out) < 2:
+        raise ValueError(f"open_vocab: the vocabulary has {len(out)} usable words (need >= 2)")
+    return out
 
 
 def task_rng(split, index):
@@ -323,15 +354,16 @@ def make_example(kind, rng, length, filler, encode, **kw):
     return TASKS[kind](rng, length, filler, encode, **kw)
 
 
-def random_train_example(rng, length, filler, encode, kinds=tuple(TASKS), open_nouns=False):
+def random_train_example(rng, length, filler, encode, kinds=tuple(TASKS), open_nouns=False, words=None):
     """A training example: random kind, random train phrasing, train values. open_nouns: half of
     the passkey and NIAH examples take an open_template instead (the rng draws no more otherwise,
-    so the default stream is unchanged)."""
+    so the default stream is unchanged); words: its nouns' vocabulary (open_vocab), else WORDS x
+    OPEN_HEADS."""
     kind = kinds[int(rng.integers(len(kinds)))]
     fmt = TRAIN_FMTS[int(rng.integers(len(TRAIN_FMTS)))]
     kw = {}
     if open_nouns and kind != "kv" and rng.random() < 0.5:
-        kw["template"] = open_template(kind, rng)
+        kw["template"] = open_template(kind, rng, words)
     return make_example(kind, rng, length, filler, encode, fmt=fmt, split="train", **kw)
 
 

@@ -44,6 +44,9 @@ class MCBatcher:
     def __init__(self, tokenizer, cfg, rank, device):
         self.tok, self.cfg, self.device = tokenizer, cfg, device
         self.rng = np.random.default_rng(cfg.seed + 1000 * rank)  # every draw: tasks, windows, probes
+        self.words = None
+        if cfg.mc_task_open_vocab:
+            self.words = tasks.open_vocab(tokenizer.decode([i]) for i in range(tokenizer.get_vocab_size()))
 
     def state_dict(self):
         """Where the sampling stream stands (saved with the loader state, so a resume is exact)."""
@@ -62,7 +65,8 @@ class MCBatcher:
         filler = tasks.make_text_filler(ids.reshape(-1).copy())
         for b in range(B):
             if rng.random() < cfg.mc_task_rate:
-                ex = tasks.random_train_example(rng, T, filler, self.tok.encode, open_nouns=cfg.mc_task_open_nouns)
+                ex = tasks.random_train_example(rng, T, filler, self.tok.encode, open_nouns=cfg.mc_task_open_nouns,
+                                                words=self.words)
                 ids[b] = ex["ids"]
                 N[b] = ex["answer_start"]
                 needle[b] = ex["target_pos"][0]
@@ -136,6 +140,7 @@ class TrainConfig:
     lens_weight: float = 1.0          # weight of the LensNet loss
     mc_task_rate: float = 0.5         # fraction of contexts replaced by synthetic long-context tasks
     mc_task_open_nouns: bool = False  # half the passkey/NIAH tasks in a shape with a random noun (tasks.open_template)
+    mc_task_open_vocab: bool = False  # those nouns: two words of the tokenizer's vocabulary (tasks.open_vocab), not WORDS x OPEN_HEADS
     mc_answer_weight: float = 4.0     # loss weight of task answer tokens
 
 
@@ -221,6 +226,8 @@ def main():
         if cfg.mc_W + cfg.mc_H > 4 * cfg.max_seq_len or cfg.mc_W < 2 * K + L * (K - 1):
             fail(f"mc_W {cfg.mc_W} must be in [2K + max_level*(K-1), 4*max_seq_len - H] "
                  f"(the probe bases keep room for an oracle's descent of max_level expansions)")
+        if cfg.mc_task_open_vocab and not cfg.mc_task_open_nouns:
+            fail("mc_task_open_vocab picks the nouns of mc_task_open_nouns: set both")
         if cfg.mc_compile not in COMPILE_MODES:
             fail(f"mc_compile must be one of {', '.join(COMPILE_MODES)}, got {cfg.mc_compile!r}")
     with torch.device("meta"):

@@ -62,7 +62,7 @@ def test_mc_run_trains_under_torchrun_with_nproc(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("NANOCHAT_")}
     env.update(NANOCHAT_BASE_DIR=str(tmp_path / "base"), CUDA_VISIBLE_DEVICES="", CONFIG="mc_cpu", NPROC="2",
                RESULTS_DIR=str(tmp_path / "out"), PY=sys.executable, OMP_NUM_THREADS="1",
-               TRAIN_ARGS="--mc-collapse-probes true --mc-task-open-nouns true --log-every 1")
+               TRAIN_ARGS="--mc-collapse-probes true --mc-task-open-nouns true --mc-task-open-vocab true --log-every 1")
     r = subprocess.run(["bash", "scripts/mc_run.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
@@ -71,7 +71,8 @@ def test_mc_run_trains_under_torchrun_with_nproc(tmp_path):
     assert "dnll_collapse_lod0" in r.stdout     # TRAIN_ARGS reach base_train: collapse probes on
     from nanochat.checkpoint_manager import load_checkpoint
     run_dir = next((tmp_path / "base" / "runs").iterdir())
-    assert load_checkpoint(str(run_dir))["train_config"]["mc_task_open_nouns"] is True
+    tc = load_checkpoint(str(run_dir))["train_config"]
+    assert tc["mc_task_open_nouns"] is True and tc["mc_task_open_vocab"] is True
     assert (tmp_path / "out" / "mc_eval.json").exists()
     bench = json.loads((tmp_path / "out" / "bench_train_mc.json").read_text())   # BENCH=1: the run's shapes
     assert bench["world_size"] == 2 and "--mc-collapse-probes true" in bench["like_train"]

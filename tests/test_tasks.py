@@ -265,3 +265,36 @@ def _min_len(kind, **kw):
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if _fits(kind, mid, **kw) else (mid + 1, hi)
     return lo
+
+
+def test_open_vocab_takes_one_word_tokens_and_never_a_held_out_word():
+    toks = [" falcon", " access", " Apple", " ab", " return", " code", "xyz", " two words", " ember",
+            " hidden", " recall", "\ufffd", " verylongwordthatistoolong", " ember"]
+    words = tasks.open_vocab(toks)
+    assert words == ["ember", "falcon", "return"], words       # sorted, deduplicated, lowercase words only
+    held = tasks.held_out_words()
+    assert {"access", "code", "hidden", "number", "maps", "important", "keep", "recall", "list"} <= held
+    with pytest.raises(ValueError, match="usable words"):
+        tasks.open_vocab([" access", " code", "xyz"])
+
+
+def test_open_vocab_nouns_vary_and_keep_the_eval_phrasing_unseen():
+    """words=open_vocab(...): the open templates' nouns are two words of that vocabulary, none of the
+    held-out phrasing's; a seed gives the same template."""
+    vocab = [f"zq{chr(97 + i)}{chr(97 + j)}" for i in range(26) for j in range(26)]   # 676 stand-in words
+    held_phrases = ("access code", "hidden number", "maps to", "Important", "Keep", "Recall", "List")
+    rng = np.random.default_rng(0)
+    nouns = set()
+    for _ in range(300):
+        ex = tasks.random_train_example(rng, 300, filler, encode, kinds=("passkey",), open_nouns=True, words=vocab)
+        check_example(ex, 300)
+        text = decode(ex["ids"][ex["needle_pos"][0]:ex["answer_start"]])
+        assert not any(w in text for w in held_phrases), text
+        found = [w for w in vocab if f"{w} " in text or f" {w}" in text]
+        if found:
+            assert len(found) >= 2, text                     # a noun is two vocabulary words
+            nouns.add(tuple(sorted(found)))
+    assert len(nouns) > 100, len(nouns)                      # vs 400 fixed nouns of 50 words before
+    t1 = tasks.open_template("multikey", np.random.default_rng(3), vocab)
+    t2 = tasks.open_template("multikey", np.random.default_rng(3), vocab)
+    assert t1 == t2 and "{key}" in t1[0] and "{v}" in t1[0]

@@ -321,6 +321,8 @@ def test_bad_input_stops_with_one_clear_line(resumed_run, tmp_path):
         "unknown flag": (train("--num-iteration", "3"), base, {}, "unknown option --num-iteration"),
         "bad type": (train("--depth", "two"), base, {}, "--depth expects an integer"),
         "bad mc compile mode": (train(*MC_TINY, "--mc-compile", "graph"), base, {}, "mc_compile must be one of"),
+        "open vocab without open nouns": (train(*MC_TINY, "--mc-task-open-vocab", "true"), base, {},
+                                          "mc_task_open_vocab picks the nouns of mc_task_open_nouns"),
         "negative loss chunk": (train("--loss-chunk", "-1"), base, {}, "loss_chunk must be >= 0"),
         "no data": (train("--data", "fineweb"), base, {"NANOCHAT_DATA_DIR": str(empty)}, "no .parquet shards"),
         "corrupt shard": (train("--data", "fineweb"), base, {"NANOCHAT_DATA_DIR": str(shards)}, "corrupt shard"),
