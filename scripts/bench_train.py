@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanochat.common import compute_init, compute_cleanup, autocast_ctx, synchronize, peak_flops, print0
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, GPTConfig, LENS_QUERIES
 from nanochat.optim import build_optimizers
 from megacontext.mctrain import COMPILE_MODES
 
@@ -58,9 +58,10 @@ def main():
     ap.add_argument("--mc-compile", default="pieces", choices=COMPILE_MODES,
                     help="torch.compile the model/GistNet/LensNet forwards, or the whole MC step")
     ap.add_argument("--like-train", default="", metavar="FLAGS",
-                    help="base_train flags (e.g. '--config mc_h100 --mc-probes 2'): bench that run's shapes")
+                    help="base_train flags (e.g. '--config mc_h100 --mc-probes 2'): bench that run's shapes "
+                         "(they replace the shape and MC flags given here)")
     ap.add_argument("--mc-lens-match", action="store_true", help="LensNet reads the query-match feature")
-    ap.add_argument("--mc-lens-query", default="tokens")
+    ap.add_argument("--mc-lens-query", default="tokens", choices=LENS_QUERIES)
     ap.add_argument("--gqa-ratio", type=int, default=1)
     args = ap.parse_args()
     if args.like_train:
@@ -155,9 +156,11 @@ def like_train(args):
     from nanochat.configurator import parse_config, load_toml
     argv = shlex.split(args.like_train)
     cfg = parse_config(TrainConfig, argv, section="base_train")
-    if "--config" in argv[:-1]:
-        vocab = load_toml(argv[argv.index("--config") + 1], "tok_train")[0].get("vocab_size")
-        args.vocab = vocab or args.vocab
+    preset = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if preset is None and "--config" in argv[:-1]:
+        preset = argv[argv.index("--config") + 1]
+    if preset is not None:   # base_train takes its vocab from the tokenizer: the preset's tok_train trains it
+        args.vocab = load_toml(preset, "tok_train")[0].get("vocab_size") or args.vocab
     args.depth, args.aspect_ratio, args.head_dim, args.gqa_ratio = cfg.depth, cfg.aspect_ratio, cfg.head_dim, cfg.gqa_ratio
     args.seq, args.megacontext = cfg.max_seq_len, cfg.megacontext
     args.batch = cfg.device_batch_size * (cfg.mc_context_len // cfg.max_seq_len if cfg.megacontext else 1)

@@ -67,14 +67,14 @@ def test_bench_train_cpu_smoke_plain_and_megacontext():
 
 def test_bench_train_like_train_takes_the_run_shapes():
     """--like-train benches the shapes a base_train run would use: the preset, then its overrides."""
-    out = run_json("scripts.bench_train", "--like-train", "--config mc_cpu --mc-probes 2 --mc-random-wcs 1 "
+    out = run_json("scripts.bench_train", "--like-train", "--config=mc_cpu --mc-probes 2 --mc-random-wcs 1 "
                    "--mc-lens-match true --device-batch-size 1", "--steps", "1", "--warmup", "1", "--device", "cpu")
     assert (out["depth"], out["seq"], out["vocab"], out["n_embd"], out["n_head"]) == (2, 128, 4096, 128, 2)
     assert out["batch"] == 1 * 1024 // 128, "one context's rows on the plain path"
     mc = out["mc"]
     assert (mc["contexts"], mc["context_len"], mc["W"], mc["H"]) == (1, 1024, 64, 16)
     assert mc["lens_match"] is True and mc["rows_per_step"] == 1 * (1 + 1 + 1 + 2)
-    assert out["like_train"].startswith("--config mc_cpu")
+    assert out["like_train"].startswith("--config=mc_cpu")
 
 
 def test_bench_decode_cpu_smoke():

@@ -75,7 +75,7 @@ def test_mc_run_trains_under_torchrun_with_nproc(tmp_path):
     assert tc["mc_task_open_nouns"] is True and tc["mc_task_open_vocab"] is True
     assert (tmp_path / "out" / "mc_eval.json").exists()
     bench = json.loads((tmp_path / "out" / "bench_train_mc.json").read_text())   # BENCH=1: the run's shapes
-    assert bench["world_size"] == 2 and "--mc-collapse-probes true" in bench["like_train"]
+    assert bench["world_size"] == 2 and "--mc-collapse-probes true" in bench["like_train"] and bench["vocab"] == 4096
     assert bench["mc"]["rows_per_step"] == 1 * (1 + 2 + 1 + 4 + 1) and bench["mc_over_plain_tok_per_s"] > 0
     for bad in ("3", "two", "0"):
         r = subprocess.run(["bash", "scripts/mc_run.sh"], cwd=REPO, env={**env, "NPROC": bad},
