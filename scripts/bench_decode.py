@@ -374,7 +374,24 @@ def main():
                "full": "skipped" if h > args.max_full else run_child(argv, h, "full")}
         print(f"history {h}: {json.dumps(row)}", file=sys.stderr, flush=True)
         out["results"].append(row)
+    out["vs_full"] = vs_full(out["results"], args.W)
     print(json.dumps(out, indent=1))
+
+
+def vs_full(results, W):
+    """Per history with both: full attention's ms/token over MC's (mc_speedup). With full attention
+    also measured at a W-token history, bound = full(h) / full(W): an MC step over W entries is a
+    full-attention step over W tokens, and MC's refocus, recompute and append only add to it, so
+    mc_speedup <= bound whatever the MC overheads cost (README, #5)."""
+    ms = lambda r: r.get("ms_per_tok") if isinstance(r, dict) else None  # noqa: E731
+    full = {r["history"]: ms(r["full"]) for r in results if ms(r["full"])}
+    mc = {r["history"]: ms(r["mc"]) for r in results if ms(r["mc"])}
+    out = {}
+    for h in sorted(set(full) & set(mc)):
+        out[str(h)] = {"mc_speedup": round(full[h] / mc[h], 3)}
+        if W in full:
+            out[str(h)]["bound"] = round(full[h] / full[W], 3)
+    return out
 
 
 if __name__ == "__main__":

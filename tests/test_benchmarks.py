@@ -5,6 +5,8 @@ import sys
 import json
 import subprocess
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -79,9 +81,15 @@ def test_bench_train_like_train_takes_the_run_shapes():
 
 def test_bench_decode_cpu_smoke():
     out = run_json("scripts.bench_decode", "--depth", "1", "--vocab", "256", "--W", "64", "--K", "8",
-                   "--histories", "128,1024", "--steps", "4", "--max-full", "256", "--device", "cpu", timeout=240)
+                   "--histories", "64,128,1024", "--steps", "4", "--max-full", "256", "--device", "cpu", timeout=240)
     text = json.dumps(out)
     assert "128" in text and "1024" in text and "skipped" in text, "full attention is skipped past --max-full"
+    full = {r["history"]: r["full"]["ms_per_tok"] for r in out["results"] if isinstance(r["full"], dict)}
+    mc = {r["history"]: r["mc"]["ms_per_tok"] for r in out["results"]}
+    assert set(out["vs_full"]) == {"64", "128"}, "MC against full attention where both ran"
+    v = out["vs_full"]["128"]
+    assert v["mc_speedup"] == pytest.approx(full[128] / mc[128], rel=1e-2)
+    assert v["bound"] == pytest.approx(full[128] / full[64], rel=1e-2), "full(h) / full(W)"
 
 
 def test_bench_decode_with_the_query_match_feature_and_focus():
