@@ -205,6 +205,11 @@ _VIEWS = {"aten::view", "aten::reshape", "aten::as_strided", "aten::slice", "ate
           "aten::resolve_conj", "aten::resolve_neg", "aten::lift_fresh", "aten::result_type", "aten::contiguous"}
 
 
+def cuda_kernels(prof):
+    """The CUDA kernels a profiled region launched."""
+    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 def count_step_ops(args, device):
     """--count-ops: what one static decode step of the bench's model dispatches, run eagerly (no
     CUDA graph) on a short cache: top-level aten ops that are not views, and on CUDA the kernels
@@ -233,7 +238,7 @@ def count_step_ops(args, device):
     out = {"bench": "decode_step_ops", "n_layer": args.depth, "ops_per_step": len(ops),
            "ops_per_layer": round(len(ops) / args.depth, 1)}
     if device.type == "cuda":
-        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels = cuda_kernels(prof)
         out.update(kernels_per_step=len(kernels), kernels_per_layer=round(len(kernels) / args.depth, 1))
     return out
 
@@ -288,7 +293,7 @@ def step_breakdown(args, device, n=64):
             eager(x, slot)
             synchronize(device.type)
         if device.type == "cuda":
-            ks = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            ks = cuda_kernels(prof)
             groups = {}
             for e in ks:
                 g = groups.setdefault(e.name[:90], [0, 0.0])

@@ -68,6 +68,7 @@ def plot(results, out_dir, W):
     paths = []
     train_fmt = results.get("accuracy_train_phrasing") or {}
     colors = {p: f"C{i}" for i, p in enumerate(("lens", "recency", "random", "window", "full", "oracle", "match", "match_top", "union"))}
+    n = results["config"].get("n")   # examples per point: the width of its 95% interval
     for task, by_len in results["accuracy"].items():
         # held-out phrasing (the claim) and, when scored, a training phrasing with eval seeds
         # beside it: "not learned" and "not transferred" look different
@@ -75,7 +76,6 @@ def plot(results, out_dir, W):
         fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
         for ax, (name, acc) in zip(axes[0], panels):
             lens = sorted(int(k) for k in acc)
-            n = results["config"].get("n")
             for pol in sorted({q for v in acc.values() for q in v}):
                 xs = [L for L in lens if pol in acc[str(L)]]
                 ys = [acc[str(L)][pol] for L in xs]
