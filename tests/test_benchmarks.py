@@ -92,6 +92,14 @@ def test_bench_decode_cpu_smoke():
     assert v["bound"] == pytest.approx(full[128] / full[64], rel=1e-2), "full(h) / full(W)"
 
 
+def test_bench_decode_step_breakdown_cpu_smoke():
+    """--step-breakdown on CPU: the static variant's per-token loop (replays and kernels are CUDA-only)."""
+    out = run_json("scripts.bench_decode", "--depth", "1", "--vocab", "256", "--W", "64", "--step-breakdown",
+                   "--device", "cpu", timeout=240)
+    assert out["bench"] == "decode_step_breakdown" and out["cached_entries"] == 63
+    assert set(out["variants"]) == {"static"} and out["variants"]["static"]["loop_ms"] > 0
+
+
 def test_bench_decode_with_the_query_match_feature_and_focus():
     for flags in (["--lens-match"], ["--focus", "match"]):
         out = run_json("scripts.bench_decode", "--depth", "1", "--vocab", "256", "--W", "64", "--K", "8",
