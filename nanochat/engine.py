@@ -20,6 +20,8 @@ ingest -> refocus -> decode, chunked by K.
   chunked forward. This is exact: a node's content never changes (the tree is append-only) and
   its position depends only on its slot ("entry") or on the node itself ("gaussian").
 - generate(): sample, append the token to memory (tree + WC), refocus every K generated tokens.
+  Pipelined (MemorySession.pipeline): when the next token is a plain tail append, its step is
+  queued on the device before the host reads the token, so the host's tree/WC append overlaps it.
 - Model inputs come only from model.entry_embeddings (LOD0 ids from tree.tokens, gists from
   tree.gists), so inference sees what training sees. LensNet gets those entry embeddings,
   lens_features(starts, widths, N, query match) and the token embeddings of the last K tokens;
@@ -308,6 +310,7 @@ class MemorySession:
     save(); a crash loses at most the unsaved tail, which open() reconciles."""
     chunk = 4096          # entries per forward when many are recomputed (bounds activations; a W=4096 window is one call)
     ingest_chunk = 16384  # tokens per tree append during ingest (one progress callback each)
+    pipeline = True       # generate(): queue each step before the host appends the token (_queue_step)
 
     def __init__(self, model, W=None, path=None, model_id=None, autocast=None, n_diff=4, tail=None, durable=False,
                  decode="static", focus=DEFAULT_FOCUS):
@@ -406,6 +409,7 @@ class MemorySession:
         self._known = 0                            # slots [0, _known) hold what _lv/_ix say
         self._logits = None                        # logits of the last cached entry
         self._step = None                          # the DecodeStep, made at the first one-entry forward
+        self._host_tok = self._tok_ready = None    # pipelined decode's pinned token buffer and its event
         self._since_refocus = 0
         self.last_recomputed = 0
         self.counters = dict(ingested=0, generated=0, forwards=0, recomputed=0, reused=0,
@@ -451,24 +455,28 @@ class MemorySession:
             self._known = E
             return
         tok = np.zeros(n, np.int64)
-        gists = torch.zeros(n, self.config.n_embd)
+        rows, parts = [], []   # only the gist rows cross to the device (a window is mostly LOD0)
         cut = np.flatnonzero((np.diff(lv_) != 0) | (np.diff(ix_) != 1)) + 1
         for s, e in zip(np.r_[0, cut].tolist(), np.r_[cut, n].tolist()):
             l, i0 = int(lv_[s]), int(ix_[s])
             if l == 0:
                 tok[s:e] = self.tree.tokens(i0, i0 + e - s)
             else:
-                gists[s:e] = self.tree.gists(l, i0, i0 + e - s)
+                rows.append(np.arange(s, e))
+                parts.append(self.tree.gists(l, i0, i0 + e - s))
         dev = self.device
+        gists = torch.zeros(n, self.config.n_embd, device=dev)
+        if parts:
+            gists[torch.from_numpy(np.concatenate(rows)).to(dev)] = torch.cat(parts).to(dev)
         emb = self.model.entry_embeddings(torch.from_numpy(lv_)[None].to(dev), torch.from_numpy(tok)[None].to(dev),
-                                          gists[None].to(dev))
+                                          gists[None])
         self.emb[a:E] = emb[0].to(self.emb.dtype)
         self._lv[a:E], self._ix[a:E] = lv_, ix_
         self._known = E
 
-    def _positions(self, j, E):
+    def _positions(self, j, E, wc=None):
         if self.mc and self.config.pos_scheme == "gaussian":
-            p, s = self.wc.positions("gaussian")
+            p, s = (wc or self.wc).positions("gaussian")
             to = lambda x: torch.from_numpy(np.ascontiguousarray(x[j:E]))[None].to(self.device)  # noqa: E731
             return to(p), to(s)
         return torch.arange(j, E, device=self.device)[None], None
@@ -648,11 +656,16 @@ class MemorySession:
         memory; generation ends after a stop token."""
         rng = torch.Generator(device=self.device).manual_seed(seed)
         stop = set(stop_tokens)
-        for _ in range(max_tokens):
+        for i in range(max_tokens):
             with _phase("mc.logits"):
-                tok = int(sample_next(self.logits()[None], rng, temperature, top_k)[0, 0])
+                nxt = sample_next(self.logits()[None], rng, temperature, top_k)
+            # queue the next token's step before the host reads the token (see _queue_step)
+            queued = self._queue_step(nxt) if self.pipeline and i + 1 < max_tokens else None
+            tok = int(nxt[0, 0]) if queued is None else queued[2]()
             with _phase("mc.append"):
                 app = self._append(np.array([tok], np.int64))
+            if queued is not None:
+                self._commit_step(*queued[:2])
             self.counters["generated"] += 1
             self._since_refocus += 1
             tel = None
@@ -665,6 +678,63 @@ class MemorySession:
             yield tok, tel
             if tok in stop:
                 return
+
+    def _queue_step(self, nxt):
+        """Pipelined decode: while the device runs one token's step, the host appends the token
+        before it to the tree and the window (~0.3 ms of host work per token, which otherwise
+        leaves the device idle between steps). Queues the step that appends `nxt` (the sampled
+        (1, 1) token ids, still on the device) at the tail slot, if appending one token there
+        changes nothing else: the window is fully cached, no collapse and no refocus follows this
+        token (MC), no re-anchor (plain). The step reads the token's embedding row on the device, as
+        the one-entry _materialize path does, so its logits are those of the unpipelined loop.
+        Returns None (run unpipelined) or (slot, logits, read): read() gives the token id on the
+        host without waiting for the queued step. _commit_step records the slot once the host
+        append succeeded; if it fails, the slot is past the known prefix and gets dropped."""
+        E = len(self)
+        if self.decode == "dynamic" or self._step is None or self._logits is None or \
+                self.cache.pos != E or self._known != E or E + 1 > self.W:
+            return None
+        if self.mc:
+            if self._since_refocus + 1 >= self.K:
+                return None                        # a refocus follows this token: it may edit anything
+            probe = self.wc.copy()
+            try:
+                if probe.append(1) != E:
+                    return None                    # the append collapses an older block
+            except ValueError:
+                return None                        # memory full: the unpipelined append says so
+            pos, sigma = self._positions(E, E + 1, probe)
+            self.emb[E:E + 1] = self.model.transformer.wte.weight.index_select(0, nxt.view(1))
+            x = self.emb[E:E + 1][None]
+        else:
+            if len(self.tokens) - self.w0 + 1 > self.W:
+                return None                        # the window re-anchors: a full recompute
+            pos, sigma, x = torch.arange(E, E + 1, device=self.device)[None], None, nxt.view(1, 1)
+        if nxt.is_cuda:   # the token to pinned host memory, ordered before the step, then the step
+            if self._host_tok is None:
+                self._host_tok, self._tok_ready = torch.empty(1, dtype=torch.long, pin_memory=True), torch.cuda.Event()
+            self._host_tok.copy_(nxt.view(1), non_blocking=True)
+            self._tok_ready.record()
+
+            def read():
+                self._tok_ready.synchronize()
+                return int(self._host_tok[0])
+        else:
+            read = lambda: int(nxt[0, 0])  # noqa: E731
+        with _phase("mc.step"):
+            logits = self._step(x, E, pos, sigma)[0]
+        return E, logits, read
+
+    def _commit_step(self, j, logits):
+        """The queued step's slot j now holds the token the host appended (see _queue_step)."""
+        lv, ix = self._layout()
+        assert len(lv) == j + 1 and lv[j] == 0, "a queued decode step must be a tail append"
+        self._lv[j], self._ix[j] = 0, ix[j]
+        self._known, self._logits, self.last_recomputed = j + 1, logits, 1
+        self.counters["forwards"] += 1
+        self.counters["recomputed"] += 1
+        self.counters["reused"] += j
+        self.counters["pipelined"] = self.counters.get("pipelined", 0) + 1
 
     def focus_map(self):
         """Runs of consecutive entries at one level: [{"start", "end", "level", "entries"}] (tokens)."""

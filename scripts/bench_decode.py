@@ -58,12 +58,66 @@ def reset_mem(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
+class PhaseTimer:
+    """--phases: exclusive wall time per decode-loop phase, with the device synchronized around
+    each call, so GPU time lands in the phase that queued it. The sync serializes host and device
+    (and so turns pipelining off): the phases explain a run, the headline timing is the unsynced one."""
+    PHASES = {"step": "_step", "recompute": "_forward", "materialize": "_materialize", "window_sync": "_sync",
+              "append": "_append", "refocus": "refocus"}
+
+    def __init__(self, s, device):
+        self.s, self.device, self.ms, self.calls, self.stack = s, device, {}, {}, []
+        self.saved = {}
+
+    def wrap(self, name, fn):
+        def timed(*a, **kw):
+            synchronize(self.device.type)
+            self.stack.append(0.0)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                synchronize(self.device.type)
+                dt = (time.perf_counter() - t0) * 1e3
+                child = self.stack.pop()
+                self.ms[name] = self.ms.get(name, 0.0) + dt - child
+                self.calls[name] = self.calls.get(name, 0) + 1
+                if self.stack:
+                    self.stack[-1] += dt
+        return timed
+
+    def __enter__(self):
+        import nanochat.engine as eng
+        for name, attr in self.PHASES.items():
+            self.saved[attr] = getattr(self.s, attr)
+            setattr(self.s, attr, self.wrap(name, self.saved[attr]))
+        self.saved["sample_next"] = eng.sample_next
+        eng.sample_next = self.wrap("sample", eng.sample_next)
+        return self
+
+    def __exit__(self, *exc):
+        import nanochat.engine as eng
+        eng.sample_next = self.saved.pop("sample_next")
+        for attr, fn in self.saved.items():
+            if attr == "_step":
+                self.s._step = fn
+            else:
+                delattr(self.s, attr)   # back to the class's method
+
+    def per_token(self, steps, total_ms):
+        out = {k: round(v / steps, 4) for k, v in sorted(self.ms.items(), key=lambda kv: -kv[1])}
+        out["other"] = round((total_ms - sum(self.ms.values())) / steps, 4)
+        out["total"] = round(total_ms / steps, 4)
+        return {"ms_per_tok": out, "calls": self.calls}
+
+
 def bench_mc(model, ids, args, device, autocast, root):
     path = os.path.join(root, f"mc_{len(ids)}")
     shutil.rmtree(path, ignore_errors=True)
     reset_mem(device)
     s = MemorySession(model, W=args.W, path=path, model_id="bench", autocast=autocast, decode=args.decode,
                       focus=args.focus)
+    s.pipeline = not args.no_pipeline
     try:
         t0 = time.perf_counter()
         s.ingest(ids)
@@ -86,7 +140,16 @@ def bench_mc(model, ids, args, device, autocast, root):
                     tels.append(tel)
         synchronize(device.type)
         dt = time.perf_counter() - t0
-        c = {k: s.counters[k] - c0[k] for k in ("recomputed", "reused", "refocus_calls", "refocus_ms", "edits")}
+        c = {k: s.counters.get(k, 0) - c0.get(k, 0) for k in
+             ("recomputed", "reused", "refocus_calls", "refocus_ms", "edits", "pipelined")}
+        phases = None
+        if args.phases:   # the same number of steps again, each phase synchronized (PhaseTimer)
+            with PhaseTimer(s, device) as pt:
+                t1 = time.perf_counter()
+                for _ in s.generate(args.steps, temperature=1.0, top_k=50, seed=2):
+                    pass
+                synchronize(device.type)
+            phases = pt.per_token(args.steps, (time.perf_counter() - t1) * 1e3)
         warm = []   # a whole-window recompute once kernels are warm (prefill_ms is the first, cold one)
         for _ in range(3):
             s.cache.truncate(0)
@@ -103,7 +166,9 @@ def bench_mc(model, ids, args, device, autocast, root):
                 # where a refocus goes: sync + embeddings + query match, then scoring, then the allocator
                 **{f"refocus_{k}_mean": round(float(np.mean([t[k] for t in tels])), 3) if tels else None
                    for k in ("prep_ms", "lens_ms", "alloc_ms")},
-                "edits_per_refocus": round(c["edits"] / max(1, c["refocus_calls"]), 2)}
+                "edits_per_refocus": round(c["edits"] / max(1, c["refocus_calls"]), 2),
+                "pipelined_per_tok": round(c["pipelined"] / args.steps, 3),
+                **({"phases": phases} if phases else {})}
     finally:
         s.close()
         shutil.rmtree(path, ignore_errors=True)
@@ -339,6 +404,10 @@ def main():
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"],
                     help="model weights (default bf16 on CUDA, fp32 elsewhere)")
     ap.add_argument("--dir", default=None, help="where the MC tree goes (default: a temp dir, removed)")
+    ap.add_argument("--no-pipeline", action="store_true", help="MC: read each token on the host before "
+                    "queuing its step (MemorySession.pipeline = False)")
+    ap.add_argument("--phases", action="store_true", help="MC: also time --steps more steps phase by phase "
+                    "(device synchronized around each phase; see PhaseTimer)")
     ap.add_argument("--profile", action="store_true", help="add each run's top ops (torch.profiler) to its result")
     ap.add_argument("--count-ops", action="store_true", help="only count the ops (and CUDA kernels) of one decode step")
     ap.add_argument("--step-breakdown", action="store_true", help="only time one decode step (replay, loop, kernels) at W")
@@ -372,7 +441,7 @@ def main():
            "torch_threads": torch.get_num_threads(), "config": {k: getattr(cfg, k) for k in
            ("n_layer", "n_embd", "vocab_size", "mc_block_size", "mc_max_level", "pos_scheme", "lens_match")},
            "focus": args.focus,
-           "W": args.W, "steps": args.steps, "decode": args.decode, "dtype": args.dtype, "mem": "peak_gpu_mb" if device.type == "cuda" else "rss_mb",
+           "W": args.W, "steps": args.steps, "decode": args.decode, "pipeline": not args.no_pipeline, "dtype": args.dtype, "mem": "peak_gpu_mb" if device.type == "cuda" else "rss_mb",
            "isolation": "one process per measurement", "results": []}
     for h in histories:
         row = {"history": h, "mc": run_child(argv, h, "mc"),

@@ -112,6 +112,25 @@ def test_bench_decode_with_the_query_match_feature_and_focus():
         assert out["config"]["lens_match"] == (flags == ["--lens-match"]) and out["focus"] == flags[-1].replace("--lens-match", "lens")
 
 
+def test_bench_decode_phases_and_pipeline_switch():
+    """--phases times a second run phase by phase: the phases (and "other") add up to its total,
+    and every phase the loop runs is there; --no-pipeline reads every token before its step."""
+    args = ("--depth", "1", "--vocab", "256", "--W", "64", "--K", "8", "--histories", "1024", "--steps", "40",
+            "--max-full", "0", "--device", "cpu", "--phases")
+    on = run_json("scripts.bench_decode", *args, timeout=240)
+    off = run_json("scripts.bench_decode", *args, "--no-pipeline", timeout=240)
+    assert on["pipeline"] is True and off["pipeline"] is False
+    mc_on, mc_off = on["results"][0]["mc"], off["results"][0]["mc"]
+    assert mc_on["pipelined_per_tok"] > 0.5 and mc_off["pipelined_per_tok"] == 0
+    for mc in (mc_on, mc_off):
+        ph = mc["phases"]["ms_per_tok"]
+        assert {"step", "recompute", "refocus", "sample", "append", "other", "total"} <= set(ph)
+        assert sum(v for k, v in ph.items() if k != "total") == pytest.approx(ph["total"], abs=1e-2)
+        assert mc["phases"]["calls"]["sample"] == 40 and mc["phases"]["calls"]["refocus"] >= 40 // 8
+    # unpipelined, every token's step runs inside logits() and materializes its entry there
+    assert mc_off["phases"]["calls"]["materialize"] >= 40 > mc_on["phases"]["calls"]["materialize"]
+
+
 def test_bench_decode_profile_names_the_top_ops():
     out = run_json("scripts.bench_decode", "--depth", "1", "--vocab", "256", "--W", "64", "--K", "8",
                    "--histories", "256", "--steps", "2", "--max-full", "0", "--device", "cpu", "--profile", timeout=240)

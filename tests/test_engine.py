@@ -323,6 +323,7 @@ def test_decode_step_slots():
 def test_static_decode_equals_dynamic_memory_session(scheme):
     def run(decode):
         s = MemorySession(make_model(scheme=scheme), W=W, decode=decode)
+        s.pipeline = False   # every step through logits(), so that each one is recorded (pipelined: below)
         s.ingest(np.random.default_rng(0).integers(0, V, 100))   # a full window: appends collapse too
         s.refocus()
         logs, recomputed, logits = [], [], s.logits
@@ -343,6 +344,57 @@ def test_static_decode_equals_dynamic_memory_session(scheme):
     for a, b in zip(logs, logs_d):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
     assert s._step is not None
+    check(s)
+
+
+@pytest.mark.parametrize("mc,scheme", [(True, "entry"), (True, "gaussian"), (False, "entry")])
+def test_pipelined_decode_equals_unpipelined(mc, scheme):
+    """generate() queues a tail-append step before the host reads its token (_queue_step): same
+    tokens, same refocus points, same cache accounting and the same final logits as the loop
+    that reads each token first, through refocus edits, forced collapses (MC) and re-anchors
+    (plain); and the cache stays exact."""
+    def run(pipeline):
+        s = MemorySession(make_model(mc=mc, scheme=scheme, seq=64 if mc else 32), W=W)
+        s.pipeline = pipeline
+        s.ingest(np.random.default_rng(0).integers(0, V, 100 if mc else 20))
+        out = list(s.generate(6 * K + 1, temperature=1.0, top_k=20, seed=3))
+        return s, [t for t, _ in out], [i for i, (_, tel) in enumerate(out) if tel is not None], s.logits().clone()
+
+    s, toks, refocus_at, logits = run(True)
+    s0, toks0, refocus_at0, logits0 = run(False)
+    assert toks == toks0 and refocus_at == refocus_at0
+    torch.testing.assert_close(logits, logits0, atol=0, rtol=0)
+    keys = ("forwards", "recomputed", "reused", "generated")
+    assert {k: s.counters[k] for k in keys} == {k: s0.counters[k] for k in keys}
+    assert s.counters["pipelined"] >= K and "pipelined" not in s0.counters
+    assert (len(refocus_at) >= 4) if mc else (s.w0 > 0)   # edits (MC) and a re-anchor (plain) were crossed
+    if mc:
+        check(s)
+    else:
+        with torch.no_grad():
+            ref = s.model(torch.tensor([list(s.tokens)[s.w0:]]))[0, -1]
+        torch.testing.assert_close(logits, ref, atol=ATOL, rtol=0)
+
+
+def test_pipelined_decode_survives_a_failed_append(monkeypatch):
+    """If the host append fails after the step was queued, the queued slot is not recorded: the
+    next logits() drops it and the cache stays exact."""
+    s = MemorySession(make_model(), W=W)
+    s.ingest(np.random.default_rng(0).integers(0, V, 10))
+    list(s.generate(2, temperature=0.0))                    # the DecodeStep exists now
+    real, calls = s._append, []
+
+    def flaky(ids, progress=None):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("disk full")
+        return real(ids, progress)
+    monkeypatch.setattr(s, "_append", flaky)
+    with pytest.raises(OSError):
+        list(s.generate(3, temperature=0.0))
+    assert s.cache.pos == s._known + 1 == len(s) + 1          # the queued entry sits past the known prefix
+    check(s)
+    list(s.generate(3, temperature=0.0))
     check(s)
 
 
