@@ -131,6 +131,23 @@ def test_bench_decode_phases_and_pipeline_switch():
     assert mc_off["phases"]["calls"]["materialize"] >= 40 > mc_on["phases"]["calls"]["materialize"]
 
 
+def test_plot_decode_draws_phases_and_rejects_other_json(tmp_path):
+    args = ("--depth", "1", "--vocab", "256", "--W", "64", "--K", "8", "--histories", "64,1024", "--steps", "8",
+            "--max-full", "256", "--device", "cpu", "--phases")
+    res = tmp_path / "run.json"
+    res.write_text(json.dumps(run_json("scripts.bench_decode", *args, timeout=240)))
+    out = tmp_path / "phases.png"
+    r = subprocess.run([sys.executable, "-m", "scripts.plot_decode", f"cpu={res}", "--out", str(out)],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_size > 10_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"loss": 1}')
+    r = subprocess.run([sys.executable, "-m", "scripts.plot_decode", str(bad), "--out", str(tmp_path / "x.png")],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode != 0 and "not a bench_decode result" in r.stderr and not (tmp_path / "x.png").exists()
+
+
 def test_bench_decode_profile_names_the_top_ops():
     out = run_json("scripts.bench_decode", "--depth", "1", "--vocab", "256", "--W", "64", "--K", "8",
                    "--histories", "256", "--steps", "2", "--max-full", "0", "--device", "cpu", "--profile", timeout=240)
