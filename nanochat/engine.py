@@ -53,9 +53,20 @@ from megacontext.working_context import WorkingContext
 from megacontext.focus import lens_allocator, focus_scores, reads_match, FOCUS_POLICIES, DEFAULT_FOCUS
 
 
+def _multinomial1(probs, rng=None):
+    """torch.multinomial(probs, 1, generator=rng), the same draw, without its device sync.
+    multinomial's one-sample path is argmax(p / q), q ~ Exp(1) drawn from rng, after a validity
+    check of p that copies a flag to the host (.item()): in a decode loop that sync waits for the
+    step in flight, so the host cannot queue the next one. Here the draw is that same formula (the
+    same ids and the same generator state after it: tests/test_engine.py), with no check: p comes
+    from a softmax of finite logits."""
+    q = torch.empty_like(probs).exponential_(1, generator=rng)
+    return (probs / q).argmax(dim=-1, keepdim=True)
+
+
 @torch.no_grad()
 def sample_next(logits, rng=None, temperature=1.0, top_k=None):
-    """logits (B, V) -> (B, 1) token ids."""
+    """logits (B, V) -> (B, 1) token ids, on the logits' device, with no host sync."""
     if temperature == 0.0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
@@ -63,9 +74,8 @@ def sample_next(logits, rng=None, temperature=1.0, top_k=None):
         k = min(top_k, logits.size(-1))
         vals, idx = torch.topk(logits, k, dim=-1)
         probs = torch.softmax(vals, dim=-1)
-        choice = torch.multinomial(probs, 1, generator=rng)
-        return idx.gather(-1, choice)
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=rng)
+        return idx.gather(-1, _multinomial1(probs, rng))
+    return _multinomial1(torch.softmax(logits, dim=-1), rng)
 
 
 _phase = torch.profiler.record_function  # named ranges in a profile (bench_decode --profile); ~1 us when off
@@ -410,6 +420,7 @@ class MemorySession:
         self._logits = None                        # logits of the last cached entry
         self._step = None                          # the DecodeStep, made at the first one-entry forward
         self._host_tok = self._tok_ready = None    # pipelined decode's pinned token buffer and its event
+        self._window = None                        # decode="compiled": the whole-window recompute (_forward_window)
         self._since_refocus = 0
         self.last_recomputed = 0
         self.counters = dict(ingested=0, generated=0, forwards=0, recomputed=0, reused=0,
@@ -511,6 +522,9 @@ class MemorySession:
                 torch.tensor(self.tokens[self.w0 + j:self.w0 + E], dtype=torch.long, device=self.device)[None]
             with _phase("mc.step"):
                 logits = self._step(x, j, pos, sigma)[0]
+        elif self.mc and self.decode == "compiled" and j < self.W // 4:
+            with _phase("mc.recompute"):
+                logits = self._forward_window(E)
         else:
             with _phase("mc.recompute"):
                 logits = self._forward(j, E, pos, sigma)
@@ -538,6 +552,35 @@ class MemorySession:
                     ids = torch.tensor(self.tokens[self.w0 + a:self.w0 + b], dtype=torch.long, device=self.device)
                     h = self.model(ids[None], **kw)
             return self.model.logits_and_loss(h[:, -1])[0]
+
+    def _window_fn(self, x, pos, sigma, last):
+        h = self.model(embeds=x, pos=pos, sigma=sigma, kv_cache=self.cache, return_hidden=True)
+        return self.model.logits_and_loss(h[0].index_select(0, last))[0]
+
+    def _forward_window(self, E):
+        """decode="compiled" (MC): a recompute that starts in the first quarter of the window (a
+        refocus, or a collapse, edits old entries, so nearly every one does) runs all W slots in
+        one torch.compile'd forward of fixed shape, compiled once per session: fused norms,
+        rotary and MLP, where the chunked eager forward runs a kernel per op. Entries [0, E) are
+        exactly the eager forward's: attention is causal, so the slots past E (stale embeddings)
+        change nothing before them; their K/V are past cache.pos, masked and overwritten by the
+        next steps. The logits are entry E - 1's, picked on the device (no recompile per E)."""
+        if self._window is None:
+            dev = self.device
+            self._window = torch.compile(self._window_fn, dynamic=False)
+            self._last, self._pos_w = torch.zeros(1, dtype=torch.long, device=dev), torch.arange(self.W, device=dev)[None]
+        if self.config.pos_scheme == "gaussian":   # the window's positions, padded to W (values past E are unused)
+            p, s = self.wc.positions("gaussian")
+            pos, sigma = (torch.from_numpy(np.pad(a, (0, self.W - len(a)), mode="edge"))[None].to(self.device)
+                          for a in (p, s))
+        else:
+            pos, sigma = self._pos_w, None
+        self._last.fill_(E - 1)
+        self.cache.truncate(0)
+        with self.autocast:
+            logits = self._window(self.emb[None], pos, sigma, self._last)
+        self.cache.truncate(E)
+        return logits
 
     @torch.no_grad()
     def _gist_fn(self, child_level, children):
@@ -697,13 +740,13 @@ class MemorySession:
         if self.mc:
             if self._since_refocus + 1 >= self.K:
                 return None                        # a refocus follows this token: it may edit anything
-            probe = self.wc.copy()
-            try:
-                if probe.append(1) != E:
-                    return None                    # the append collapses an older block
-            except ValueError:
-                return None                        # memory full: the unpipelined append says so
-            pos, sigma = self._positions(E, E + 1, probe)
+            # E + 1 <= W: the append collapses nothing (WorkingContext.append collapses only past W)
+            if self.config.pos_scheme == "gaussian":
+                probe = self.wc.copy()
+                probe.append(1)
+                pos, sigma = self._positions(E, E + 1, probe)
+            else:
+                pos, sigma = self._positions(E, E + 1)
             self.emb[E:E + 1] = self.model.transformer.wte.weight.index_select(0, nxt.view(1))
             x = self.emb[E:E + 1][None]
         else:

@@ -398,6 +398,27 @@ def test_pipelined_decode_survives_a_failed_append(monkeypatch):
     check(s)
 
 
+def test_sample_next_draws_what_multinomial_draws():
+    """sample_next's sync-free draw (_multinomial1) gives torch.multinomial's ids and leaves the
+    generator where multinomial leaves it, with and without top-k."""
+    from nanochat.engine import sample_next
+
+    def reference(logits, rng, temperature, top_k):
+        logits = logits / temperature
+        if top_k:
+            vals, idx = torch.topk(logits, top_k, dim=-1)
+            return idx.gather(-1, torch.multinomial(torch.softmax(vals, dim=-1), 1, generator=rng))
+        return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=rng)
+    for seed in range(20):
+        logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(100 + seed)) * 3
+        for temperature, top_k in ((1.0, None), (0.7, 50), (1.3, 1)):
+            a, b = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+            got = sample_next(logits, a, temperature, top_k)
+            assert torch.equal(got, reference(logits, b, temperature, top_k)), (seed, temperature, top_k)
+            assert torch.equal(a.get_state(), b.get_state())
+    assert torch.equal(sample_next(logits, None, 0.0), logits.argmax(-1, keepdim=True))
+
+
 def test_compiled_decode_equals_static():
     """decode="compiled" (torch.compile before the capture) gives the static step's tokens and
     logits, for the plain Engine (twice: a second generate reuses the compiled code) and for a
@@ -419,8 +440,11 @@ def test_compiled_decode_equals_static():
         s = MemorySession(mc, W=W, decode=mode)
         s.ingest(np.random.default_rng(0).integers(0, V, 100))
         s.refocus()
-        toks[mode] = [t for t, _ in s.generate(K + 4, temperature=0.0)]
+        toks[mode] = [t for t, _ in s.generate(3 * K + 2, temperature=0.0)]
         toks[mode + "_logits"] = s.logits()
+        # compiled: the refocus recomputes ran as one whole-window forward (_forward_window)
+        assert (s._window is not None) == (mode == "compiled")
+        check(s)
     assert toks["static"] == toks["compiled"]
     torch.testing.assert_close(toks["static_logits"], toks["compiled_logits"], atol=ATOL, rtol=0)
 
