@@ -568,6 +568,7 @@ class MemorySession:
         if self._window is None:
             dev = self.device
             self._window = torch.compile(self._window_fn, dynamic=False)
+            self._qkv_modules = [m for m in self.model.modules() if hasattr(m, "qkv_weight")]
             self._last, self._pos_w = torch.zeros(1, dtype=torch.long, device=dev), torch.arange(self.W, device=dev)[None]
         if self.config.pos_scheme == "gaussian":   # the window's positions, padded to W (values past E are unused)
             p, s = self.wc.positions("gaussian")
@@ -575,6 +576,8 @@ class MemorySession:
                           for a in (p, s))
         else:
             pos, sigma = self._pos_w, None
+        for m in self._qkv_modules:   # the stacked q/k/v weights, fresh and set: the graph reads them as they are
+            m.qkv_weight()
         self._last.fill_(E - 1)
         self.cache.truncate(0)
         with self.autocast:

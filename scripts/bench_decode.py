@@ -62,8 +62,8 @@ class PhaseTimer:
     """--phases: exclusive wall time per decode-loop phase, with the device synchronized around
     each call, so GPU time lands in the phase that queued it. The sync serializes host and device
     (and so turns pipelining off): the phases explain a run, the headline timing is the unsynced one."""
-    PHASES = {"step": "_step", "recompute": "_forward", "materialize": "_materialize", "window_sync": "_sync",
-              "append": "_append", "refocus": "refocus"}
+    PHASES = (("step", "_step"), ("recompute", "_forward"), ("recompute", "_forward_window"),
+              ("materialize", "_materialize"), ("window_sync", "_sync"), ("append", "_append"), ("refocus", "refocus"))
 
     def __init__(self, s, device):
         self.s, self.device, self.ms, self.calls, self.stack = s, device, {}, {}, []
@@ -88,7 +88,7 @@ class PhaseTimer:
 
     def __enter__(self):
         import nanochat.engine as eng
-        for name, attr in self.PHASES.items():
+        for name, attr in self.PHASES:
             self.saved[attr] = getattr(self.s, attr)
             setattr(self.s, attr, self.wrap(name, self.saved[attr]))
         self.saved["sample_next"] = eng.sample_next
@@ -128,7 +128,8 @@ def bench_mc(model, ids, args, device, autocast, root):
         s.logits()  # prefill the window
         synchronize(device.type)
         prefill_s = time.perf_counter() - t0
-        for _ in s.generate(args.warmup, temperature=1.0, top_k=50, seed=1):   # kernels, allocator: untimed
+        # untimed: kernels, allocator, and one refocus + recompute (decode="compiled" compiles both paths here)
+        for _ in s.generate(max(args.warmup, s.K + 1), temperature=1.0, top_k=50, seed=1):
             pass
         synchronize(device.type)
         c0 = dict(s.counters)
@@ -396,7 +397,8 @@ def main():
     ap.add_argument("--pos-scheme", default="entry", choices=["entry", "gaussian"])
     ap.add_argument("--histories", default="4096,32768,131072,1048576")
     ap.add_argument("--steps", type=int, default=256)
-    ap.add_argument("--warmup", type=int, default=8, help="untimed decode steps first (each run is a fresh process)")
+    ap.add_argument("--warmup", type=int, default=8, help="untimed decode steps first (each run is a fresh process; "
+                    "MC: at least K + 1, so that one refocus and its recompute are warm)")
     ap.add_argument("--max-full", type=int, default=131072, help="longest history for full attention")
     ap.add_argument("--device", default=None)
     ap.add_argument("--decode", default="static", choices=DECODE_MODES, help="decode steps: static shapes "

@@ -29,8 +29,9 @@ step decode      300 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histori
 step decode_compiled 300 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,131072,1048576 --steps 64 --decode compiled
 step decode_union 300 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,131072,1048576 --steps 256 --max-full 0 --focus union
 # where an MC token's time goes (--phases), pipelined decode against unpipelined, static against compiled
-step decode_phases 200 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,131072,1048576 --steps 256 --focus union --phases
-step decode_phases_nopipe 150 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,131072,1048576 --steps 256 --focus union --phases --max-full 0 --no-pipeline
-step decode_phases_compiled 240 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,131072,1048576 --steps 256 --focus union --phases --decode compiled
+step decode_phases 200 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,131072,1048576 --steps 512 --focus union --phases
+step decode_phases_nopipe 150 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,131072,1048576 --steps 512 --focus union --phases --max-full 0 --no-pipeline
+step decode_phases_compiled 320 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,131072,1048576 --steps 512 --focus union --phases --decode compiled
+step decode_phases_again 200 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,131072,1048576 --steps 512 --focus union --phases
 step decode_compiled_profile 200 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 131072 --steps 96 --max-full 0 --decode compiled --profile
 step decode_static_profile 200 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 131072 --steps 96 --max-full 0 --profile
