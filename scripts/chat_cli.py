@@ -23,7 +23,7 @@ from nanochat.common import main_guard, fail, get_base_dir, autodetect_device_ty
     INFERENCE_DTYPES
 from nanochat.checkpoint_manager import load_checkpoint, build_model
 from nanochat.tokenizer import get_tokenizer
-from nanochat.engine import MemorySession, STATE_FILE
+from nanochat.engine import MemorySession, STATE_FILE, DECODE_MODES
 from megacontext.focus import FOCUS_POLICIES, DEFAULT_FOCUS, FOCUS_HELP
 
 
@@ -66,6 +66,9 @@ def main():
     ap.add_argument("--W", type=int, default=None, help="working-context budget (default: the model's sequence_len)")
     ap.add_argument("--focus", default=DEFAULT_FOCUS, choices=FOCUS_POLICIES,
                     help=FOCUS_HELP)
+    ap.add_argument("--decode", default="static", choices=DECODE_MODES,
+                    help="one-token steps: static (a CUDA graph on CUDA), compiled (torch.compile'd step and "
+                    "whole-window recompute: faster on a GPU after ~10-20 s of compiling at the first reply), dynamic")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--raw", action="store_true", help="base models: continue the prompt as plain text (no chat turns)")
     ap.add_argument("--device", default=None, help="cuda | cpu | mps (default: autodetect)")
@@ -89,10 +92,11 @@ def main():
     autocast = autocast_ctx(device_type)
 
     if args.memory and os.path.exists(os.path.join(args.memory, STATE_FILE)):
-        session = MemorySession.open(model, args.memory, autocast=autocast, focus=args.focus)
+        session = MemorySession.open(model, args.memory, autocast=autocast, focus=args.focus, decode=args.decode)
         print(f"[memory] reopened {args.memory}: {session.num_tokens} tokens", file=sys.stderr)
     else:
-        session = MemorySession(model, W=args.W, path=args.memory, autocast=autocast, focus=args.focus)
+        session = MemorySession(model, W=args.W, path=args.memory, autocast=autocast, focus=args.focus,
+                                decode=args.decode)
     try:
         if args.load_file:
             try:

@@ -233,7 +233,7 @@ class ChatServer:
         MS, path = engine.MemorySession, self.store.memory_dir(cid)
         if os.path.isfile(os.path.join(path, engine.STATE_FILE)):
             return MS.open(worker.model, path, model_id=self.model_id, autocast=worker.autocast,
-                           **{k: v for k, v in self.session_kw.items() if k == "focus"})   # W is the saved one
+                           **{k: v for k, v in self.session_kw.items() if k in ("focus", "decode")})   # W is the saved one
         shutil.rmtree(path, ignore_errors=True)  # never saved: a crash during its creation
         session = MS(worker.model, path=path, model_id=self.model_id, autocast=worker.autocast, **self.session_kw)
         session.ingest([self.bos])
@@ -661,6 +661,9 @@ def main():
                     help=FOCUS_HELP)
     ap.add_argument("--dtype", default="auto", choices=INFERENCE_DTYPES,
                     help="weights: auto = bfloat16 on CUDA, float32 elsewhere (conversations reopen under the dtype that made them)")
+    ap.add_argument("--decode", default="static", choices=engine.DECODE_MODES,
+                    help="one-token steps: static (a CUDA graph on CUDA), compiled (torch.compile'd step and "
+                    "whole-window recompute; one GPU only: each worker would compile in its own thread), dynamic")
     ap.add_argument("--log-level", default="info")
     for f in fields(Limits):
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
@@ -674,6 +677,8 @@ def main():
     device_type = args.device or autodetect_device_type()
     if args.num_gpus < 1:
         fail("--num-gpus must be >= 1")
+    if args.decode == "compiled" and args.num_gpus > 1:
+        fail("--decode compiled serves one GPU (--num-gpus 1): torch.compile is not safe to run in several worker threads")
     if device_type == "cuda":
         if args.num_gpus > torch.cuda.device_count():
             fail(f"--num-gpus {args.num_gpus} but only {torch.cuda.device_count()} GPUs are visible")
@@ -689,7 +694,7 @@ def main():
     ckpt = load_checkpoint(ckpt_dir, step=step, device="cpu")
     models = [build_model(ckpt, d, tokenizer, dtype=inference_dtype(args.dtype, device_type)) for d in devices]
     del ckpt
-    session_kw = {"focus": args.focus, **({"W": args.W} if args.W else {})}
+    session_kw = {"focus": args.focus, "decode": args.decode, **({"W": args.W} if args.W else {})}
     app = create_app(models, tokenizer, data_dir, limits, model_name=name, session_kw=session_kw)
     print(f"chat_web: model {name} step {step} on {', '.join(map(str, devices))}; conversations in {data_dir}; "
           f"http://{args.host}:{args.port}/", flush=True)

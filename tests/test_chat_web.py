@@ -139,15 +139,16 @@ def test_document_and_restart_roundtrip(ckpt, tiny_tokenizer, tmp_path):
 
 
 def test_focus_by_match_for_new_and_reopened_conversations(ckpt, tiny_tokenizer, tmp_path, monkeypatch):
-    """chat_web --focus match: every session the server makes or reopens refocuses by match."""
+    """chat_web --focus match --decode dynamic: every session the server makes or reopens
+    refocuses by match and decodes dynamically."""
     seen = []
     orig = MemorySession.refocus
-    monkeypatch.setattr(MemorySession, "refocus", lambda self: seen.append(self.focus_by) or orig(self))
+    monkeypatch.setattr(MemorySession, "refocus", lambda self: seen.append((self.focus_by, self.decode)) or orig(self))
 
     def app():
         ck = load_checkpoint(ckpt)
         return create_app([build_model(ck, torch.device("cpu"), tiny_tokenizer)], tiny_tokenizer, str(tmp_path),
-                          Limits(), model_name="tiny", session_kw={"W": W, "focus": "match"})
+                          Limits(), model_name="tiny", session_kw={"W": W, "focus": "match", "decode": "dynamic"})
     with TestClient(app()) as c:
         cid = c.post("/api/conversations", json={}).json()["id"]
         r = c.post(f"/api/conversations/{cid}/documents", json={"text": synthetic_document(800), "name": "a.txt"})
@@ -156,7 +157,7 @@ def test_focus_by_match_for_new_and_reopened_conversations(ckpt, tiny_tokenizer,
     n = len(seen)
     with TestClient(app()) as c:   # a restart: the conversation reopens from disk
         chat(c, cid, "And again?", max_tokens=40)
-    assert 0 < n < len(seen) and set(seen) == {"match"}
+    assert 0 < n < len(seen) and set(seen) == {("match", "dynamic")}
 
 
 def test_openai_client(ckpt, tiny_tokenizer, tmp_path):
@@ -471,3 +472,12 @@ def test_evicted_sessions_close_before_another_worker_can_miss_them(ckpt, tiny_t
     from nanochat import engine
     engine.MemorySession.open(worker.model, srv.store.memory_dir(a), model_id=srv.model_id).close()
     srv.close()
+
+
+def test_compiled_decode_serves_one_gpu_only(tmp_path):
+    """--decode compiled with several workers is refused up front, with a one-line error."""
+    env = dict(os.environ, PYTHONPATH=ROOT, NANOCHAT_BASE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "scripts.chat_web", "--ckpt-dir", str(tmp_path / "none"), "--device", "cpu",
+                        "--num-gpus", "2", "--decode", "compiled"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: --decode compiled serves one GPU"), r.stderr

@@ -484,13 +484,14 @@ def test_chat_cli_one_shot(tiny_tokenizer, tmp_path, monkeypatch, capsys):
     assert "ingesting" in r.stderr and "[memory]" in r.stderr and r.stdout.strip()
     # in-process (faster): the memory reopens and grows; a bad checkpoint dir is a clean error
     monkeypatch.setenv("NANOCHAT_BASE_DIR", base)
-    monkeypatch.setattr(sys, "argv", ["chat_cli"] + args + ["--focus", "match"])   # the reopened memory, refocused by match
+    # the reopened memory, refocused by match, decoded dynamically
+    monkeypatch.setattr(sys, "argv", ["chat_cli"] + args + ["--focus", "match", "--decode", "dynamic"])
     seen = []
     orig = MemorySession.refocus
-    monkeypatch.setattr(MemorySession, "refocus", lambda self: seen.append(self.focus_by) or orig(self))
+    monkeypatch.setattr(MemorySession, "refocus", lambda self: seen.append((self.focus_by, self.decode)) or orig(self))
     main_guard(chat_cli.main)
     err = capsys.readouterr().err
-    assert "reopened" in err and seen and set(seen) == {"match"}
+    assert "reopened" in err and seen and set(seen) == {("match", "dynamic")}
     s = MemorySession.open(model, str(tmp_path / "mem"))
     assert s.num_tokens > 200 and len(s) <= 48
     s.close()
