@@ -471,6 +471,7 @@ def create_app(models, tokenizer, data_dir, limits=None, model_name="nanochat", 
         return {"status": "ok", "model": srv.model_name, "megacontext": srv.megacontext, "workers": len(srv.workers),
                 "devices": [str(w.device) for w in srv.workers],
                 "dtype": str(next(srv.workers[0].model.parameters()).dtype).removeprefix("torch."),
+                "decode": srv.session_kw.get("decode", "static"), "focus": srv.session_kw.get("focus", DEFAULT_FOCUS),
                 "in_flight": srv.pending,
                 "open_sessions": len(srv.cache), "limits": {f.name: getattr(L, f.name) for f in fields(L)}}
 

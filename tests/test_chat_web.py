@@ -150,6 +150,8 @@ def test_focus_by_match_for_new_and_reopened_conversations(ckpt, tiny_tokenizer,
         return create_app([build_model(ck, torch.device("cpu"), tiny_tokenizer)], tiny_tokenizer, str(tmp_path),
                           Limits(), model_name="tiny", session_kw={"W": W, "focus": "match", "decode": "dynamic"})
     with TestClient(app()) as c:
+        h = c.get("/health").json()
+        assert (h["focus"], h["decode"]) == ("match", "dynamic")
         cid = c.post("/api/conversations", json={}).json()["id"]
         r = c.post(f"/api/conversations/{cid}/documents", json={"text": synthetic_document(800), "name": "a.txt"})
         assert r.status_code == 200, r.text
@@ -180,7 +182,8 @@ def test_openai_client(ckpt, tiny_tokenizer, tmp_path):
                 pass
             assert proc.poll() is None, proc.stdout.read().decode()
             time.sleep(0.1)
-        assert httpx.get(base + "/health").json()["dtype"] == "bfloat16"
+        h = httpx.get(base + "/health").json()
+        assert (h["dtype"], h["decode"], h["focus"]) == ("bfloat16", "static", "union")
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list()] == [os.path.basename(ckpt)]  # named after the run
         msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
