@@ -760,7 +760,7 @@ class MemorySession:
             if self._host_tok is None:
                 self._host_tok, self._tok_ready = torch.empty(1, dtype=torch.long, pin_memory=True), torch.cuda.Event()
             self._host_tok.copy_(nxt.view(1), non_blocking=True)
-            self._tok_ready.record()
+            self._tok_ready.record(torch.cuda.current_stream(nxt.device))   # the stream the copy went to
 
             def read():
                 self._tok_ready.synchronize()
