@@ -560,7 +560,8 @@ class MemorySession:
     def _forward_window(self, E):
         """decode="compiled" (MC): a recompute that starts in the first quarter of the window (a
         refocus, or a collapse, edits old entries, so nearly every one does) runs all W slots in
-        one torch.compile'd forward of fixed shape, compiled once per session: fused norms,
+        one torch.compile'd forward of fixed shape, compiled at its first use in a process (later
+        sessions of the same model reuse the code; 10-20 s at d20 on an H200): fused norms,
         rotary and MLP, where the chunked eager forward runs a kernel per op. Entries [0, E) are
         exactly the eager forward's: attention is causal, so the slots past E (stale embeddings)
         change nothing before them; their K/V are past cache.pos, masked and overwritten by the
