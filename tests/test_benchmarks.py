@@ -112,9 +112,10 @@ def test_bench_decode_with_the_query_match_feature_and_focus():
         assert out["config"]["lens_match"] == (flags == ["--lens-match"]) and out["focus"] == flags[-1].replace("--lens-match", "lens")
 
 
-def test_bench_decode_phases_and_pipeline_switch():
+def test_bench_decode_phases_and_pipeline_switch(tmp_path):
     """--phases times a second run phase by phase: the phases (and "other") add up to its total,
-    and every phase the loop runs is there; --no-pipeline reads every token before its step."""
+    and every phase the loop runs is there; --no-pipeline reads every token before its step.
+    scripts/plot_decode draws both runs, and refuses a JSON that is not a bench_decode result."""
     args = ("--depth", "1", "--vocab", "256", "--W", "64", "--K", "8", "--histories", "1024", "--steps", "40",
             "--max-full", "0", "--device", "cpu", "--phases")
     on = run_json("scripts.bench_decode", *args, timeout=240)
@@ -129,22 +130,18 @@ def test_bench_decode_phases_and_pipeline_switch():
         assert mc["phases"]["calls"]["sample"] == 40 and mc["phases"]["calls"]["refocus"] >= 40 // 8
     # unpipelined, every token's step runs inside logits() and materializes its entry there
     assert mc_off["phases"]["calls"]["materialize"] >= 40 > mc_on["phases"]["calls"]["materialize"]
-
-
-def test_plot_decode_draws_phases_and_rejects_other_json(tmp_path):
-    args = ("--depth", "1", "--vocab", "256", "--W", "64", "--K", "8", "--histories", "64,1024", "--steps", "8",
-            "--max-full", "256", "--device", "cpu", "--phases")
-    res = tmp_path / "run.json"
-    res.write_text(json.dumps(run_json("scripts.bench_decode", *args, timeout=240)))
+    runs = []
+    for name, res in (("on", on), ("off", off)):
+        runs.append(f"{name}={tmp_path / name}.json")
+        (tmp_path / f"{name}.json").write_text(json.dumps(res))
     out = tmp_path / "phases.png"
-    r = subprocess.run([sys.executable, "-m", "scripts.plot_decode", f"cpu={res}", "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "scripts.plot_decode", *runs, "--out", str(out)],
                        capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 0, r.stderr
     assert out.stat().st_size > 10_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    bad = tmp_path / "bad.json"
-    bad.write_text('{"loss": 1}')
-    r = subprocess.run([sys.executable, "-m", "scripts.plot_decode", str(bad), "--out", str(tmp_path / "x.png")],
-                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    (tmp_path / "bad.json").write_text('{"loss": 1}')
+    r = subprocess.run([sys.executable, "-m", "scripts.plot_decode", str(tmp_path / "bad.json"), "--out",
+                        str(tmp_path / "x.png")], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode != 0 and "not a bench_decode result" in r.stderr and not (tmp_path / "x.png").exists()
 
 
