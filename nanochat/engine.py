@@ -423,6 +423,7 @@ class MemorySession:
         self._window = None                        # decode="compiled": the whole-window recompute (_forward_window)
         self._since_refocus = 0
         self.last_recomputed = 0
+        self.last_decode = (0, 0.0)                # tokens and seconds of the last generate() call
         self.counters = dict(ingested=0, generated=0, forwards=0, recomputed=0, reused=0,
                              refocus_calls=0, refocus_ms=0.0, edits=0)
 
@@ -703,6 +704,7 @@ class MemorySession:
         memory; generation ends after a stop token."""
         rng = torch.Generator(device=self.device).manual_seed(seed)
         stop = set(stop_tokens)
+        t0 = time.perf_counter()
         for i in range(max_tokens):
             with _phase("mc.logits"):
                 nxt = sample_next(self.logits()[None], rng, temperature, top_k)
@@ -722,6 +724,7 @@ class MemorySession:
             if self.mc and (self._since_refocus >= self.K or forced):
                 with _phase("mc.refocus"):
                     tel = self.refocus()
+            self.last_decode = (i + 1, time.perf_counter() - t0)   # this call's tokens and seconds so far (stats)
             yield tok, tel
             if tok in stop:
                 return
@@ -801,6 +804,8 @@ class MemorySession:
         per_level = np.bincount(lv, minlength=(self.wc.max_level + 1) if self.mc else 1).tolist()
         done = c["recomputed"] + c["reused"]
         calls = max(1, c["refocus_calls"])
+        n, secs = self.last_decode
+        c["decode_tok_per_s"] = n / secs if secs > 0 else None   # the last generate() call, as its caller saw it
         return dict(kind="mc" if self.mc else "plain", tokens=self.num_tokens, entries=len(self), W=self.W,
                     per_level=per_level, compression=self.num_tokens / max(1, len(self)),
                     cache_reuse=c["reused"] / done if done else 0.0,

@@ -7,6 +7,7 @@ Needs /usr/bin/chromium (apt-get install chromium) and the `playwright` package 
 browser download: we launch the system Chromium). Without them the test skips locally and FAILS
 under CI=true, so CI never passes by skipping it."""
 import os
+import re
 import time
 import random
 import threading
@@ -180,6 +181,9 @@ def test_chat_streams_and_draws_focus_map(page):
     assert fm["runs"] == len(conv["focus_map"]) >= 1
     assert fm["painted"] > 0.3 * fm["pixels"], fm  # both rows (history + window) are filled
     expect(page.locator("#stats")).to_contain_text(f"{conv['num_tokens']} tokens of history")
+    # the reply's decode speed: at most one token per TOKEN_DELAY_S, as SlowSession paces it
+    assert 0 < conv["stats"]["decode_tok_per_s"] <= 1 / TOKEN_DELAY_S
+    expect(page.locator("#stats")).to_contain_text(re.compile(r"last reply \d+\.\d tok/s"))
     expect(page.locator("#conv-title")).to_have_text("Hello there, memory!")
     print(f"chat turn: {reply['tokens']} tokens in {elapsed:.2f} s, {len(partial)} partial renders")
 

@@ -153,7 +153,9 @@ def test_memory_full_and_bad_ids_are_user_errors():
 def test_generate_refocuses_every_K_tokens():
     s = MemorySession(make_model(), W=W)
     s.ingest(np.random.default_rng(0).integers(0, V, 10))        # the window is not full: no forced collapse
+    assert s.stats()["decode_tok_per_s"] is None                # nothing generated yet
     out = list(s.generate(3 * K, temperature=0.0))
+    assert s.stats()["decode_tok_per_s"] > 0 and s.last_decode[0] == 3 * K
     assert len(out) == 3 * K and s.num_tokens == 10 + 3 * K
     assert [i for i, (_, tel) in enumerate(out) if tel is not None] == [K - 1, 2 * K - 1, 3 * K - 1]
     assert all({"expanded", "collapsed", "first_changed", "ms"} <= set(tel) for _, tel in out if tel)
