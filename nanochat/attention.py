@@ -219,7 +219,7 @@ class KVCache:
     """Preallocated per-layer K/V buffers (gpt-fast style). `pos` counts entries written.
     `truncate(j)` drops entries >= j so that an edit at working-context entry j recomputes
     from j forward only.
-    Static mode (`slot` = a (1,) long device tensor, set by the caller, e.g. engine.DecodeStep):
+    Static mode (`slot` = a (1,) long device tensor, set by the caller, e.g. decode_step.DecodeStep):
     a one-entry forward writes at that slot and attends over the whole buffer under a mask, so
     every decode step has the same shapes and no host int (a CUDA graph can replay it). `pos` is
     then the caller's to keep."""

@@ -66,12 +66,9 @@ def load_toml(path, section):
     return out, path
 
 
-def parse_config(cls, argv=None, section=None):
-    """Build a `cls` instance from defaults <- --config file <- CLI flags."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    defaults = cls()
-    # split argv into (key, value) pairs
+def flag_pairs(argv):
+    """argv -> [(key, value)]: --key=value, --key value, or a bare --flag ("true"); dashes in
+    keys become underscores."""
     pairs, i = [], 0
     while i < len(argv):
         a = argv[i]
@@ -87,6 +84,20 @@ def parse_config(cls, argv=None, section=None):
             k, v = a, "true"  # bare flag
         pairs.append((k.replace("-", "_"), v))
         i += 1
+    return pairs
+
+
+def config_preset(argv):
+    """The --config preset these flags name (the last one), or None."""
+    return next((v for k, v in reversed(flag_pairs(argv)) if k == "config"), None)
+
+
+def parse_config(cls, argv=None, section=None):
+    """Build a `cls` instance from defaults <- --config file <- CLI flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    defaults = cls()
+    pairs = flag_pairs(argv)
     if any(k in ("h", "help") for k, _ in pairs):
         print(f"options ({cls.__name__}):")
         for name, f in fields.items():

@@ -5,8 +5,9 @@ Engine: prefill the prompt once (batch 1, in chunks, logits only for the last po
 replicate the cache for `num_samples` rows, then decode one token per step for every row; rows
 that hit a stop token are finished and padded. Sampling: temperature (0 = greedy) and top-k,
 with an explicit torch.Generator so a seed reproduces a sample.
-One-token steps (Engine and MemorySession) run through DecodeStep by default (decode="static"):
-the same shapes at every step, captured once as a CUDA graph on CUDA and replayed.
+One-token steps (Engine and MemorySession) run through DecodeStep (nanochat/decode_step.py) by
+default (decode="static"): the same shapes at every step, captured once as a CUDA graph on CUDA
+and replayed.
 
 MemorySession: one conversation's memory and the MegaContext decode loop (DESIGN §9):
 ingest -> refocus -> decode, chunked by K.
@@ -39,13 +40,14 @@ import json
 import time
 import array
 import hashlib
-import contextlib
+import collections
 
 import numpy as np
 import torch
 
 from nanochat.common import fail, atomic_write_json, atomic_write_bytes, autocast_ctx, lock_dir
-from nanochat.gpt import lens_features, weight_version
+from nanochat.gpt import lens_features
+from nanochat.decode_step import DecodeStep, DECODE_MODES, sample_next, qkv_modules, cache_dtype, check_decode  # noqa: F401 (re-exported)
 from nanochat.attention import KVCache
 from megacontext.match import MatchIndex
 from megacontext.tree import MegaContextTree
@@ -53,141 +55,8 @@ from megacontext.working_context import WorkingContext
 from megacontext.focus import lens_allocator, focus_scores, reads_match, FOCUS_POLICIES, DEFAULT_FOCUS
 
 
-def _multinomial1(probs, rng=None):
-    """torch.multinomial(probs, 1, generator=rng), the same draw, without its device sync.
-    multinomial's one-sample path is argmax(p / q), q ~ Exp(1) drawn from rng, after a validity
-    check of p that copies a flag to the host (.item()): in a decode loop that sync waits for the
-    step in flight, so the host cannot queue the next one. Here the draw is that same formula (the
-    same ids and the same generator state after it: tests/test_engine.py), with no check: p comes
-    from a softmax of finite logits."""
-    q = torch.empty_like(probs).exponential_(1, generator=rng)
-    return (probs / q).argmax(dim=-1, keepdim=True)
-
-
-@torch.no_grad()
-def sample_next(logits, rng=None, temperature=1.0, top_k=None):
-    """logits (B, V) -> (B, 1) token ids, on the logits' device, with no host sync."""
-    if temperature == 0.0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None and top_k > 0:
-        k = min(top_k, logits.size(-1))
-        vals, idx = torch.topk(logits, k, dim=-1)
-        probs = torch.softmax(vals, dim=-1)
-        return idx.gather(-1, _multinomial1(probs, rng))
-    return _multinomial1(torch.softmax(logits, dim=-1), rng)
-
-
+Queued = collections.namedtuple("Queued", "slot logits read")   # a pipelined step (MemorySession._queue_step)
 _phase = torch.profiler.record_function  # named ranges in a profile (bench_decode --profile); ~1 us when off
-
-
-def _cache_dtype(model):
-    p = next(model.parameters())
-    return torch.bfloat16 if p.is_cuda else p.dtype
-
-
-DECODE_MODES = ("static", "compiled", "dynamic")   # compiled = static + torch.compile before the capture
-
-
-def _check_decode(decode):
-    if decode not in DECODE_MODES:
-        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
-    return decode
-
-
-class DecodeStep:
-    """One decode step over `cache` with static shapes: the inputs are copied into buffers owned
-    here, the cache runs in static mode (KVCache.slot), and the forward sees the same shapes at
-    every step. On CUDA that step is captured once as a CUDA graph and then only replayed: an
-    eager d20 step dispatches 608 ops (903 before the rotary, mask and fused-QKV changes; bench_decode
-    --count-ops), and the host, not the GPU, was the bottleneck. On CPU
-    the same static path runs eagerly (so CPU tests exercise it).
-    step(x, slot, pos=None, sigma=None): x (B, 1) token ids or (B, 1, D) embeddings; slot, a host
-    int <= cache.pos, is where the entry goes (entries >= slot are dropped, as truncate(slot) then
-    a dynamic forward would); pos/sigma (1, 1) as GPT.forward (pos None = slot). Returns the
-    (B, V) float32 logits (a copy: callers keep them across steps); cache.pos is then slot + 1."""
-
-    def __init__(self, model, cache, autocast=None, graph=None, compile=False):
-        """compile: torch.compile the step first (fused norms, rotary, MLP: fewer kernels per
-        replay). The warmup runs before the capture compile it."""
-        self.model, self.cache = model, cache
-        self._fwd = torch.compile(self._forward, dynamic=False) if compile else self._forward
-        # the q/k/v weights whose stacked copies (CausalSelfAttention.qkv_weight) a graph or a
-        # compiled step reads: a change to any of them means a refresh and a new capture
-        self._attn = [m for m in model.modules() if hasattr(m, "qkv_weight")]
-        self._qkv_params = [w for m in self._attn for w in (m.c_q.weight, m.c_k.weight, m.c_v.weight)]
-        self.graph = cache.k.is_cuda if graph is None else graph
-        self._key = self._graph = None
-        # the graph must not hold weight casts cached by a warmup run's autocast (make_graphed_callables
-        # refuses cached autocast for this reason); a decode step uses each weight once, so no loss
-        if isinstance(autocast, torch.autocast):
-            autocast = torch.autocast(autocast.device, dtype=autocast.fast_dtype, enabled=autocast._enabled,
-                                      cache_enabled=False)
-        self.autocast = autocast if autocast is not None else contextlib.nullcontext()
-
-    def _forward(self, x, pos, sigma):
-        kw = dict(embeds=x) if x.is_floating_point() else dict(idx=x)
-        h = self.model(**kw, pos=pos, sigma=sigma, kv_cache=self.cache, return_hidden=True)
-        return self.model.logits_and_loss(h[:, -1])
-
-    def _run(self):
-        self.cache.slot = self.slot
-        try:
-            with torch.no_grad(), self.autocast:
-                return self._fwd(self.x, self.pos, self.sigma)
-        finally:
-            self.cache.slot = None  # the cache is dynamic again for everyone else (prefill, recompute)
-
-    def _capture(self):
-        """The PyTorch docs' recipe: warm up on a side stream (lazy init, autotuning, allocator),
-        then capture. Warmup and capture write the same k/v to the same slot: harmless."""
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                self._run()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        # thread_local: chat_web runs one worker thread per GPU; in the default "global" mode another
-        # worker's cudaMalloc during this capture would fail (and break the capture)
-        with torch.cuda.graph(g, capture_error_mode="thread_local"):
-            self._out = self._run()
-        return g
-
-    @torch.no_grad()
-    def __call__(self, x, slot, pos=None, sigma=None):
-        c = self.cache
-        if not 0 <= slot < c.max_len:
-            raise ValueError(f"decode slot {slot} outside the KV cache [0, {c.max_len})")
-        if slot > c.pos:
-            raise ValueError(f"decode slot {slot} would leave a gap after the {c.pos} cached entries")
-        # a graph bakes in buffer addresses and shapes: expand_batch (new k/v tensors) or other
-        # input shapes mean new static buffers and a new capture
-        sig = lambda t: None if t is None else (tuple(t.shape), t.dtype)  # noqa: E731
-        # versions only grow, so their sum changes with any in-place update; a .to() moves them all
-        weights = (sum(map(weight_version, self._qkv_params)), self._qkv_params[0].data_ptr() if self._qkv_params else 0)
-        key = (c.k.data_ptr(), c.v.data_ptr(), tuple(c.k.shape), sig(x), sig(pos), sig(sigma), weights)
-        if key != self._key:
-            self._key, self._graph = key, None
-            for m in self._attn:
-                m.qkv_weight()   # refresh the stacked copies eagerly (a compiled step takes them as they are)
-            self.x, self.pos, self.sigma = (None if t is None else torch.empty_like(t, device=c.k.device)
-                                            for t in (x, pos, sigma))
-            self.slot = torch.zeros(1, dtype=torch.long, device=c.k.device)
-        self.x.copy_(x)
-        self.slot.fill_(slot)
-        for buf, t in ((self.pos, pos), (self.sigma, sigma)):
-            if buf is not None:
-                buf.copy_(t)
-        if not self.graph:
-            out = self._run()
-        else:
-            if self._graph is None:
-                self._graph = self._capture()
-            self._graph.replay()
-            out = self._out.clone()
-        c.pos = slot + 1  # as a dynamic forward leaves it
-        return out
 
 
 class Engine:
@@ -200,7 +69,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         # as MemorySession: bf16 autocast on CUDA by default (the KV cache is bf16 there)
         self.autocast = autocast if autocast is not None else autocast_ctx(next(model.parameters()).device.type)
-        self.decode = _check_decode(decode)
+        self.decode = check_decode(decode)
 
     def _fwd(self, *args, fn=None, **kw):
         """The model (or fn, e.g. its logits head) under the engine's autocast."""
@@ -210,7 +79,7 @@ class Engine:
     def new_cache(self, batch_size, max_len):
         c = self.model.config
         p = next(self.model.parameters())
-        return KVCache(batch_size, c.n_kv_head, max_len, c.n_embd // c.n_head, c.n_layer, p.device, _cache_dtype(self.model))
+        return KVCache(batch_size, c.n_kv_head, max_len, c.n_embd // c.n_head, c.n_layer, p.device, cache_dtype(self.model))
 
     @torch.no_grad()
     def prefill(self, ids, cache):
@@ -390,7 +259,7 @@ class MemorySession:
         return self
 
     def _setup(self, model, model_id, autocast, path, decode, focus):
-        self.decode = _check_decode(decode)
+        self.decode = check_decode(decode)
         if focus not in FOCUS_POLICIES:
             fail(f"focus must be one of {', '.join(FOCUS_POLICIES)}, got {focus!r}")
         self.focus_by = focus
@@ -411,7 +280,7 @@ class MemorySession:
 
     def _init_buffers(self):
         c = self.config
-        self.cache = KVCache(1, c.n_kv_head, self.W, c.n_embd // c.n_head, c.n_layer, self.device, _cache_dtype(self.model))
+        self.cache = KVCache(1, c.n_kv_head, self.W, c.n_embd // c.n_head, c.n_layer, self.device, cache_dtype(self.model))
         wte = self.model.transformer.wte.weight
         self.emb = torch.zeros(self.W, c.n_embd, device=self.device, dtype=wte.dtype) if self.mc else None
         self._lv = np.full(self.W, -1, np.int64)   # node (level, index) in each slot of emb/cache
@@ -570,7 +439,7 @@ class MemorySession:
         if self._window is None:
             dev = self.device
             self._window = torch.compile(self._window_fn, dynamic=False)
-            self._qkv_modules = [m for m in self.model.modules() if hasattr(m, "qkv_weight")]
+            self._qkv_modules = qkv_modules(self.model)
             self._last, self._pos_w = torch.zeros(1, dtype=torch.long, device=dev), torch.arange(self.W, device=dev)[None]
         if self.config.pos_scheme == "gaussian":   # the window's positions, padded to W (values past E are unused)
             p, s = self.wc.positions("gaussian")
@@ -710,11 +579,11 @@ class MemorySession:
                 nxt = sample_next(self.logits()[None], rng, temperature, top_k)
             # queue the next token's step before the host reads the token (see _queue_step)
             queued = self._queue_step(nxt) if self.pipeline and i + 1 < max_tokens else None
-            tok = int(nxt[0, 0]) if queued is None else queued[2]()
+            tok = int(nxt[0, 0]) if queued is None else queued.read()
             with _phase("mc.append"):
                 app = self._append(np.array([tok], np.int64))
             if queued is not None:
-                self._commit_step(*queued[:2])
+                self._commit_step(queued.slot, queued.logits)
             self.counters["generated"] += 1
             self._since_refocus += 1
             tel = None
@@ -737,8 +606,8 @@ class MemorySession:
         changes nothing else: the window is fully cached, no collapse and no refocus follows this
         token (MC), no re-anchor (plain). The step reads the token's embedding row on the device, as
         the one-entry _materialize path does, so its logits are those of the unpipelined loop.
-        Returns None (run unpipelined) or (slot, logits, read): read() gives the token id on the
-        host without waiting for the queued step. _commit_step records the slot once the host
+        Returns None (run unpipelined) or a Queued(slot, logits, read): read() gives the token id on
+        the host without waiting for the queued step. _commit_step records the slot once the host
         append succeeded; if it fails, the slot is past the known prefix and gets dropped."""
         E = len(self)
         if self.decode == "dynamic" or self._step is None or self._logits is None or \
@@ -773,13 +642,13 @@ class MemorySession:
             read = lambda: int(nxt[0, 0])  # noqa: E731
         with _phase("mc.step"):
             logits = self._step(x, E, pos, sigma)[0]
-        return E, logits, read
+        return Queued(E, logits, read)
 
     def _commit_step(self, j, logits):
-        """The queued step's slot j now holds the token the host appended (see _queue_step)."""
-        lv, ix = self._layout()
-        assert len(lv) == j + 1 and lv[j] == 0, "a queued decode step must be a tail append"
-        self._lv[j], self._ix[j] = 0, ix[j]
+        """The queued step's slot j now holds the token the host appended (see _queue_step): a
+        LOD0 entry whose index is the token's own, the history's last."""
+        assert len(self) == j + 1, "a queued decode step must be a tail append"
+        self._lv[j], self._ix[j] = 0, self.num_tokens - 1
         self._known, self._logits, self.last_recomputed = j + 1, logits, 1
         self.counters["forwards"] += 1
         self.counters["recomputed"] += 1

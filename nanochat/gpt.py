@@ -164,7 +164,7 @@ class CausalSelfAttention(nn.Module):
         (an in-place update bumps its _version, a .to() swaps its data). Stacking at every call
         copied 9.8 MB per layer per decode step at d20: 22 kernels, 0.12 ms of a 1.9 ms step
         (--step-breakdown on an H200). Costs one more copy of those weights while cached. A
-        compiled step takes the cached copy as is: its caller (engine.DecodeStep) refreshes it."""
+        compiled step takes the cached copy as is: its caller (decode_step.DecodeStep) refreshes it."""
         ws = (self.c_q.weight, self.c_k.weight, self.c_v.weight)
         if torch.compiler.is_compiling():
             return self._qkv[1] if self._qkv is not None else torch.cat(ws)
@@ -181,7 +181,7 @@ class CausalSelfAttention(nn.Module):
             # one GEMM for q, k, v, then one QK norm and one rotary over the q and k heads together.
             # A d20 decode step, whose cost is its kernel count, drops from 728 to 608 ops (bench_decode
             # --count-ops). The stacked weight is cached (qkv_weight); a captured CUDA graph
-            # reads that copy, so engine.DecodeStep recaptures when the weights change
+            # reads that copy, so decode_step.DecodeStep recaptures when the weights change
             qkv = F.linear(x, self.qkv_weight()).view(B, T, H + 2 * Hkv, D)
             qk, v = norm(qkv[:, :, :H + Hkv]), qkv[:, :, H + Hkv:]
             if cos_sin is not None:

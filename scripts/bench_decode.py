@@ -9,6 +9,8 @@ full-attention KV decode of the same model over the whole history. Prints one JS
     python -m scripts.bench_decode --depth 20 --W 4096 --step-breakdown   # one step: replay vs loop vs kernels
     python -m scripts.bench_decode --depth 20 --W 4096 --lens-match   # LensNet with the query-match feature
     python -m scripts.bench_decode --depth 20 --W 4096 --focus match  # refocus by query match alone
+    python -m scripts.bench_decode --depth 20 --W 4096 --focus union --phases   # + where an MC token's time goes
+    python -m scripts.bench_decode --depth 20 --W 4096 --no-pipeline  # read each token before queuing its step
 
 Random init is fine for speed, but LensNet's head and the zero-init output projections are
 perturbed so that refocus really edits the window (and the cache really gets cut), as a trained
@@ -17,7 +19,7 @@ prefill the window, then time --steps generate() steps (sampling, tree/WC append
 refocus every K). Full: the plain Engine's cache over history + steps tokens, chunked prefill,
 then --steps one-token decode steps; "skipped" past --max-full tokens, {"oom": phase, ...} if it
 does not fit. Both time --steps steps after --warmup untimed ones.
---decode static (default): one-token steps through engine.DecodeStep, a CUDA graph on CUDA
+--decode static (default): one-token steps through decode_step.DecodeStep, a CUDA graph on CUDA
 (eager on CPU); dynamic: a plain KV-cached forward per step. --dtype bf16 (default on CUDA)
 converts the model's weights, so that autocast has no per-step weight casts to do; fp32 keeps
 fp32 weights (under bf16 autocast on CUDA).
@@ -66,8 +68,7 @@ class PhaseTimer:
               ("materialize", "_materialize"), ("window_sync", "_sync"), ("append", "_append"), ("refocus", "refocus"))
 
     def __init__(self, s, device):
-        self.s, self.device, self.ms, self.calls, self.stack = s, device, {}, {}, []
-        self.saved = {}
+        self.s, self.device, self.ms, self.calls, self.stack, self.saved = s, device, {}, {}, [], {}
 
     def wrap(self, name, fn):
         def timed(*a, **kw):
@@ -88,19 +89,19 @@ class PhaseTimer:
 
     def __enter__(self):
         import nanochat.engine as eng
-        for name, attr in self.PHASES:
-            self.saved[attr] = getattr(self.s, attr)
-            setattr(self.s, attr, self.wrap(name, self.saved[attr]))
-        self.saved["sample_next"] = eng.sample_next
+        for name, attr in self.PHASES:   # (callable, set on the instance: _step; else a method)
+            self.saved[attr] = (getattr(self.s, attr), attr in vars(self.s))
+            setattr(self.s, attr, self.wrap(name, self.saved[attr][0]))
+        self.sample_next = eng.sample_next
         eng.sample_next = self.wrap("sample", eng.sample_next)
         return self
 
     def __exit__(self, *exc):
         import nanochat.engine as eng
-        eng.sample_next = self.saved.pop("sample_next")
-        for attr, fn in self.saved.items():
-            if attr == "_step":
-                self.s._step = fn
+        eng.sample_next = self.sample_next
+        for attr, (fn, own) in self.saved.items():
+            if own:
+                setattr(self.s, attr, fn)
             else:
                 delattr(self.s, attr)   # back to the class's method
 

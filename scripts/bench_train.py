@@ -153,12 +153,10 @@ def like_train(args):
     """Fill args from base_train's flags: the shapes and MC settings of that run (a plain step of
     the same rows, then the MC step over device_batch_size contexts of mc_context_len tokens)."""
     from scripts.base_train import TrainConfig
-    from nanochat.configurator import parse_config, load_toml
+    from nanochat.configurator import parse_config, load_toml, config_preset
     argv = shlex.split(args.like_train)
     cfg = parse_config(TrainConfig, argv, section="base_train")
-    preset = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if preset is None and "--config" in argv[:-1]:
-        preset = argv[argv.index("--config") + 1]
+    preset = config_preset(argv)
     if preset is not None:   # base_train takes its vocab from the tokenizer: the preset's tok_train trains it
         args.vocab = load_toml(preset, "tok_train")[0].get("vocab_size") or args.vocab
     args.depth, args.aspect_ratio, args.head_dim, args.gqa_ratio = cfg.depth, cfg.aspect_ratio, cfg.head_dim, cfg.gqa_ratio

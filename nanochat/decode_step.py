@@ -1,0 +1,155 @@
+"""
+One token's forward at static shapes, and sampling it without a host sync: the pieces of a
+decode step that Engine and MemorySession (nanochat/engine.py) share.
+
+- DecodeStep: copies its inputs into buffers it owns and runs the model over a KV cache in
+  static mode (KVCache.slot), so every step has the same shapes; on CUDA it is captured once as
+  a CUDA graph and replayed, optionally torch.compile'd first (decode="compiled").
+- sample_next: temperature / top-k sampling with torch.multinomial's own draw, minus the
+  validity check that synced the host with the step in flight.
+"""
+import contextlib
+
+import torch
+
+from nanochat.gpt import weight_version
+
+
+def _multinomial1(probs, rng=None):
+    """torch.multinomial(probs, 1, generator=rng), the same draw, without its device sync.
+    multinomial's one-sample path is argmax(p / q), q ~ Exp(1) drawn from rng, after a validity
+    check of p that copies a flag to the host (.item()): in a decode loop that sync waits for the
+    step in flight, so the host cannot queue the next one. Here the draw is that same formula (the
+    same ids and the same generator state after it: tests/test_engine.py), with no check: p comes
+    from a softmax of finite logits."""
+    q = torch.empty_like(probs).exponential_(1, generator=rng)
+    return (probs / q).argmax(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def sample_next(logits, rng=None, temperature=1.0, top_k=None):
+    """logits (B, V) -> (B, 1) token ids, on the logits' device, with no host sync."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        k = min(top_k, logits.size(-1))
+        vals, idx = torch.topk(logits, k, dim=-1)
+        probs = torch.softmax(vals, dim=-1)
+        return idx.gather(-1, _multinomial1(probs, rng))
+    return _multinomial1(torch.softmax(logits, dim=-1), rng)
+
+
+def cache_dtype(model):
+    p = next(model.parameters())
+    return torch.bfloat16 if p.is_cuda else p.dtype
+
+
+def qkv_modules(model):
+    """The attention modules whose stacked q/k/v weight (CausalSelfAttention.qkv_weight) a compiled
+    or captured forward reads as it is: callers refresh them eagerly before such a forward."""
+    return [m for m in model.modules() if hasattr(m, "qkv_weight")]
+
+
+DECODE_MODES = ("static", "compiled", "dynamic")   # compiled = static + torch.compile before the capture
+
+
+def check_decode(decode):
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+    return decode
+
+
+class DecodeStep:
+    """One decode step over `cache` with static shapes: the inputs are copied into buffers owned
+    here, the cache runs in static mode (KVCache.slot), and the forward sees the same shapes at
+    every step. On CUDA that step is captured once as a CUDA graph and then only replayed: an
+    eager d20 step dispatches 608 ops (903 before the rotary, mask and fused-QKV changes; bench_decode
+    --count-ops), and the host, not the GPU, was the bottleneck. On CPU
+    the same static path runs eagerly (so CPU tests exercise it).
+    step(x, slot, pos=None, sigma=None): x (B, 1) token ids or (B, 1, D) embeddings; slot, a host
+    int <= cache.pos, is where the entry goes (entries >= slot are dropped, as truncate(slot) then
+    a dynamic forward would); pos/sigma (1, 1) as GPT.forward (pos None = slot). Returns the
+    (B, V) float32 logits (a copy: callers keep them across steps); cache.pos is then slot + 1."""
+
+    def __init__(self, model, cache, autocast=None, graph=None, compile=False):
+        """compile: torch.compile the step first (fused norms, rotary, MLP: fewer kernels per
+        replay). The warmup runs before the capture compile it."""
+        self.model, self.cache = model, cache
+        self._fwd = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        # the q/k/v weights whose stacked copies (CausalSelfAttention.qkv_weight) a graph or a
+        # compiled step reads: a change to any of them means a refresh and a new capture
+        self._attn = qkv_modules(model)
+        self._qkv_params = [w for m in self._attn for w in (m.c_q.weight, m.c_k.weight, m.c_v.weight)]
+        self.graph = cache.k.is_cuda if graph is None else graph
+        self._key = self._graph = None
+        # the graph must not hold weight casts cached by a warmup run's autocast (make_graphed_callables
+        # refuses cached autocast for this reason); a decode step uses each weight once, so no loss
+        if isinstance(autocast, torch.autocast):
+            autocast = torch.autocast(autocast.device, dtype=autocast.fast_dtype, enabled=autocast._enabled,
+                                      cache_enabled=False)
+        self.autocast = autocast if autocast is not None else contextlib.nullcontext()
+
+    def _forward(self, x, pos, sigma):
+        kw = dict(embeds=x) if x.is_floating_point() else dict(idx=x)
+        h = self.model(**kw, pos=pos, sigma=sigma, kv_cache=self.cache, return_hidden=True)
+        return self.model.logits_and_loss(h[:, -1])
+
+    def _run(self):
+        self.cache.slot = self.slot
+        try:
+            with torch.no_grad(), self.autocast:
+                return self._fwd(self.x, self.pos, self.sigma)
+        finally:
+            self.cache.slot = None  # the cache is dynamic again for everyone else (prefill, recompute)
+
+    def _capture(self):
+        """The PyTorch docs' recipe: warm up on a side stream (lazy init, autotuning, allocator),
+        then capture. Warmup and capture write the same k/v to the same slot: harmless."""
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                self._run()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        # thread_local: chat_web runs one worker thread per GPU; in the default "global" mode another
+        # worker's cudaMalloc during this capture would fail (and break the capture)
+        with torch.cuda.graph(g, capture_error_mode="thread_local"):
+            self._out = self._run()
+        return g
+
+    @torch.no_grad()
+    def __call__(self, x, slot, pos=None, sigma=None):
+        c = self.cache
+        if not 0 <= slot < c.max_len:
+            raise ValueError(f"decode slot {slot} outside the KV cache [0, {c.max_len})")
+        if slot > c.pos:
+            raise ValueError(f"decode slot {slot} would leave a gap after the {c.pos} cached entries")
+        # a graph bakes in buffer addresses and shapes: expand_batch (new k/v tensors) or other
+        # input shapes mean new static buffers and a new capture
+        sig = lambda t: None if t is None else (tuple(t.shape), t.dtype)  # noqa: E731
+        # versions only grow, so their sum changes with any in-place update; a .to() moves them all
+        weights = (sum(map(weight_version, self._qkv_params)), self._qkv_params[0].data_ptr() if self._qkv_params else 0)
+        key = (c.k.data_ptr(), c.v.data_ptr(), tuple(c.k.shape), sig(x), sig(pos), sig(sigma), weights)
+        if key != self._key:
+            self._key, self._graph = key, None
+            for m in self._attn:
+                m.qkv_weight()   # refresh the stacked copies eagerly (a compiled step takes them as they are)
+            self.x, self.pos, self.sigma = (None if t is None else torch.empty_like(t, device=c.k.device)
+                                            for t in (x, pos, sigma))
+            self.slot = torch.zeros(1, dtype=torch.long, device=c.k.device)
+        self.x.copy_(x)
+        self.slot.fill_(slot)
+        for buf, t in ((self.pos, pos), (self.sigma, sigma)):
+            if buf is not None:
+                buf.copy_(t)
+        if not self.graph:
+            out = self._run()
+        else:
+            if self._graph is None:
+                self._graph = self._capture()
+            self._graph.replay()
+            out = self._out.clone()
+        c.pos = slot + 1  # as a dynamic forward leaves it
+        return out
