@@ -4,7 +4,8 @@ decode step that Engine and MemorySession (nanochat/engine.py) share.
 
 - DecodeStep: copies its inputs into buffers it owns and runs the model over a KV cache in
   static mode (KVCache.slot), so every step has the same shapes; on CUDA it is captured once as
-  a CUDA graph and replayed, optionally torch.compile'd first (decode="compiled").
+  a CUDA graph and replayed, optionally torch.compile'd first (decode="compiled"), or run as the
+  Triton kernels of nanochat/decode_kernels.py (decode="fused").
 - sample_next: temperature / top-k sampling with torch.multinomial's own draw, minus the
   validity check that synced the host with the step in flight.
 """
@@ -51,12 +52,20 @@ def qkv_modules(model):
     return [m for m in model.modules() if hasattr(m, "qkv_weight")]
 
 
-DECODE_MODES = ("static", "compiled", "dynamic")   # compiled = static + torch.compile before the capture
+# compiled = static + torch.compile before the capture; fused = the Triton step (decode_kernels.py)
+# with compiled's whole-window recompute
+DECODE_MODES = ("static", "compiled", "fused", "dynamic")
 
 
-def check_decode(decode):
+def check_decode(decode, device=None):
+    """decode, if it is a mode that can run on `device` (None: do not check the device)."""
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+    if decode == "fused" and device is not None:
+        from nanochat.decode_kernels import fused_unavailable
+        why = fused_unavailable(device)
+        if why:
+            raise ValueError(why)
     return decode
 
 
@@ -72,11 +81,15 @@ class DecodeStep:
     a dynamic forward would); pos/sigma (1, 1) as GPT.forward (pos None = slot). Returns the
     (B, V) float32 logits (a copy: callers keep them across steps); cache.pos is then slot + 1."""
 
-    def __init__(self, model, cache, autocast=None, graph=None, compile=False):
+    def __init__(self, model, cache, autocast=None, graph=None, compile=False, fused=False):
         """compile: torch.compile the step first (fused norms, rotary, MLP: fewer kernels per
-        replay). The warmup runs before the capture compile it."""
-        self.model, self.cache = model, cache
+        replay). The warmup runs before the capture compile it. fused: run the step as the Triton
+        kernels of decode_kernels.FusedDecode instead of the model's forward (batch 1)."""
+        if compile and fused:
+            raise ValueError("DecodeStep: compile and fused are two ways to run the step; pick one")
+        self.model, self.cache, self.fused = model, cache, fused
         self._fwd = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        self._fd = None
         # the q/k/v weights whose stacked copies (CausalSelfAttention.qkv_weight) a graph or a
         # compiled step reads: a change to any of them means a refresh and a new capture
         self._attn = qkv_modules(model)
@@ -96,6 +109,8 @@ class DecodeStep:
         return self.model.logits_and_loss(h[:, -1])
 
     def _run(self):
+        if self.fused:
+            return self._fd(self.x, self.pos, self.sigma, self.slot)
         self.cache.slot = self.slot
         try:
             with torch.no_grad(), self.autocast:
@@ -139,6 +154,9 @@ class DecodeStep:
             self.x, self.pos, self.sigma = (None if t is None else torch.empty_like(t, device=c.k.device)
                                             for t in (x, pos, sigma))
             self.slot = torch.zeros(1, dtype=torch.long, device=c.k.device)
+            if self.fused:
+                from nanochat.decode_kernels import FusedDecode
+                self._fd = FusedDecode(self.model, c)
         self.x.copy_(x)
         self.slot.fill_(slot)
         for buf, t in ((self.pos, pos), (self.sigma, sigma)):
@@ -146,6 +164,8 @@ class DecodeStep:
                 buf.copy_(t)
         if not self.graph:
             out = self._run()
+            if self.fused:
+                out = out.clone()   # FusedDecode's logits buffer is overwritten by the next step
         else:
             if self._graph is None:
                 self._graph = self._capture()

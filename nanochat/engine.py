@@ -64,12 +64,13 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, autocast=None, decode="static"):
         """decode: "static" (one-token steps through a DecodeStep: a CUDA graph on CUDA),
-        "compiled" (the same, torch.compile'd before the capture; opt-in until measured on a GPU)
+        "compiled" (the same, torch.compile'd before the capture), "fused" (the step as the Triton
+        kernels of decode_kernels.py; a batch of several samples decodes "static")
         or "dynamic" (a plain KV-cached forward per step)."""
         self.model, self.tokenizer = model, tokenizer
         # as MemorySession: bf16 autocast on CUDA by default (the KV cache is bf16 there)
         self.autocast = autocast if autocast is not None else autocast_ctx(next(model.parameters()).device.type)
-        self.decode = check_decode(decode)
+        self.decode = check_decode(decode, next(model.parameters()).device)
 
     def _fwd(self, *args, fn=None, **kw):
         """The model (or fn, e.g. its logits head) under the engine's autocast."""
@@ -95,7 +96,8 @@ class Engine:
         Make it after expand_batch (a static step keys its graph on the cache's buffers anyway)."""
         if self.decode == "dynamic":
             return lambda nxt: self._fwd(nxt, kv_cache=cache)[:, -1]
-        step = DecodeStep(self.model, cache, self.autocast, compile=self.decode == "compiled")
+        step = DecodeStep(self.model, cache, self.autocast, compile=self.decode == "compiled",
+                          fused=self.decode == "fused" and cache.k.size(1) == 1)
         return lambda nxt: step(nxt, cache.pos)
 
     @torch.no_grad()
@@ -194,7 +196,8 @@ class MemorySession:
     def __init__(self, model, W=None, path=None, model_id=None, autocast=None, n_diff=4, tail=None, durable=False,
                  decode="static", focus=DEFAULT_FOCUS):
         """decode: "static" = one-entry forwards (every generated token) go through a DecodeStep
-        (a CUDA graph on CUDA), "compiled" and "dynamic" as in Engine. focus: who scores the
+        (a CUDA graph on CUDA), "compiled", "fused" and "dynamic" as in Engine ("compiled" and
+        "fused" also run a recompute of the whole window as one compiled forward). focus: who scores the
         entries at refocus (focus.FOCUS_POLICIES): "lens" (LensNet), "match" (the query-match
         feature alone: it finds a needle in a phrasing LensNet never saw), "match_top" (only the
         best-matched spans) or "union" (max of lens and match_top, the default: README, Results)."""
@@ -259,7 +262,7 @@ class MemorySession:
         return self
 
     def _setup(self, model, model_id, autocast, path, decode, focus):
-        self.decode = check_decode(decode)
+        self.decode = check_decode(decode, next(model.parameters()).device)
         if focus not in FOCUS_POLICIES:
             fail(f"focus must be one of {', '.join(FOCUS_POLICIES)}, got {focus!r}")
         self.focus_by = focus
@@ -289,7 +292,7 @@ class MemorySession:
         self._logits = None                        # logits of the last cached entry
         self._step = None                          # the DecodeStep, made at the first one-entry forward
         self._host_tok = self._tok_ready = None    # pipelined decode's pinned token buffer and its event
-        self._window = None                        # decode="compiled": the whole-window recompute (_forward_window)
+        self._window = None                        # decode="compiled"/"fused": the whole-window recompute (_forward_window)
         self._since_refocus = 0
         self.last_recomputed = 0
         self.last_decode = (0, 0.0)                # tokens and seconds of the last generate() call
@@ -387,12 +390,13 @@ class MemorySession:
         pos, sigma = self._positions(j, E)
         if E - j == 1 and self.decode != "dynamic":  # every generated token: one static-shape step
             if self._step is None:  # the cache lives as long as the session: one graph serves it
-                self._step = DecodeStep(self.model, self.cache, self.autocast, compile=self.decode == "compiled")
+                self._step = DecodeStep(self.model, self.cache, self.autocast, compile=self.decode == "compiled",
+                                        fused=self.decode == "fused")
             x = self.emb[j:E][None] if self.mc else \
                 torch.tensor(self.tokens[self.w0 + j:self.w0 + E], dtype=torch.long, device=self.device)[None]
             with _phase("mc.step"):
                 logits = self._step(x, j, pos, sigma)[0]
-        elif self.mc and self.decode == "compiled" and j < self.W // 4:
+        elif self.mc and self.decode in ("compiled", "fused") and j < self.W // 4:
             with _phase("mc.recompute"):
                 logits = self._forward_window(E)
         else:
@@ -428,7 +432,7 @@ class MemorySession:
         return self.model.logits_and_loss(h[0].index_select(0, last))[0]
 
     def _forward_window(self, E):
-        """decode="compiled" (MC): a recompute that starts in the first quarter of the window (a
+        """decode="compiled" or "fused" (MC): a recompute that starts in the first quarter of the window (a
         refocus, or a collapse, edits old entries, so nearly every one does) runs all W slots in
         one torch.compile'd forward of fixed shape, compiled at its first use in a process (later
         sessions of the same model reuse the code; 10-20 s at d20 on an H200): fused norms,

@@ -324,18 +324,23 @@ def step_breakdown(args, device, n=64):
     ids = torch.from_numpy(np.random.default_rng(0).integers(0, args.vocab, size=args.W - 1, dtype=np.int64))
     out = {"bench": "decode_step_breakdown", "n_layer": args.depth, "n_embd": model.config.n_embd,
            "cached_entries": args.W - 1, "variants": {}}
-    for name, compile_ in (("static", False), ("compiled", True)):
-        if compile_ and device.type != "cuda":
+    first = {}
+    for name, compile_, fused in (("static", False, False), ("compiled", True, False), ("fused", False, True)):
+        if (compile_ or fused) and device.type != "cuda":
             continue
         cache = engine.new_cache(1, args.W)
         logits = engine.prefill(ids[None].to(device), cache)
         slot = cache.pos
-        step = DecodeStep(model, cache, engine.autocast, compile=compile_)
+        step = DecodeStep(model, cache, engine.autocast, compile=compile_, fused=fused)
         x = torch.zeros(1, 1, dtype=torch.long, device=device)
-        for _ in range(3):
-            step(x, slot)                                    # warm, compile, capture
+        first[name] = step(x, slot)                          # warm, compile, capture
+        for _ in range(2):
+            step(x, slot)
         synchronize(device.type)
         row = {}
+        if name != "static":   # the same entry over the same cache: how far the logits are from the static step's
+            row["max_abs_diff_vs_static"] = round((first[name] - first["static"]).abs().max().item(), 5)
+            row["argmax_equal"] = bool((first[name].argmax(-1) == first["static"].argmax(-1)).all())
         if step._graph is not None:
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()
@@ -354,7 +359,7 @@ def step_breakdown(args, device, n=64):
             logits = step(nxt, slot)
         synchronize(device.type)
         row["loop_ms"] = round((time.perf_counter() - t0) / n * 1e3, 4)
-        eager = DecodeStep(model, cache, engine.autocast, graph=False, compile=compile_)
+        eager = DecodeStep(model, cache, engine.autocast, graph=False, compile=compile_, fused=fused)
         eager(x, slot)
         with profiler(device) as prof:
             eager(x, slot)
@@ -403,7 +408,8 @@ def main():
     ap.add_argument("--max-full", type=int, default=131072, help="longest history for full attention")
     ap.add_argument("--device", default=None)
     ap.add_argument("--decode", default="static", choices=DECODE_MODES, help="decode steps: static shapes "
-                    "(a CUDA graph on CUDA) or a dynamic KV-cached forward")
+                    "(a CUDA graph on CUDA), compiled (torch.compile'd), fused (Triton kernels, decode_kernels.py) "
+                    "or a dynamic KV-cached forward")
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"],
                     help="model weights (default bf16 on CUDA, fp32 elsewhere)")
     ap.add_argument("--dir", default=None, help="where the MC tree goes (default: a temp dir, removed)")

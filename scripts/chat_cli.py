@@ -23,7 +23,7 @@ from nanochat.common import main_guard, fail, get_base_dir, autodetect_device_ty
     INFERENCE_DTYPES
 from nanochat.checkpoint_manager import load_checkpoint, build_model
 from nanochat.tokenizer import get_tokenizer
-from nanochat.engine import MemorySession, STATE_FILE, DECODE_MODES
+from nanochat.engine import MemorySession, STATE_FILE, DECODE_MODES, check_decode
 from megacontext.focus import FOCUS_POLICIES, DEFAULT_FOCUS, FOCUS_HELP
 
 
@@ -68,7 +68,8 @@ def main():
                     help=FOCUS_HELP)
     ap.add_argument("--decode", default="static", choices=DECODE_MODES,
                     help="one-token steps: static (a CUDA graph on CUDA), compiled (torch.compile'd step and "
-                    "whole-window recompute: faster on a GPU after ~10-20 s of compiling at the first reply), dynamic")
+                    "whole-window recompute: faster on a GPU after ~10-20 s of compiling at the first reply), fused (the "
+                    "step as Triton kernels, the recompute compiled; CUDA), dynamic")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--raw", action="store_true", help="base models: continue the prompt as plain text (no chat turns)")
     ap.add_argument("--device", default=None, help="cuda | cpu | mps (default: autodetect)")
@@ -84,6 +85,10 @@ def main():
     if device_type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda requested but CUDA is not available")
     device = torch.device(device_type)
+    try:
+        check_decode(args.decode, device)
+    except ValueError as e:
+        fail(str(e))
     tok = get_tokenizer()
     ckpt_dir = args.ckpt_dir or os.path.join(get_base_dir(), "runs", args.run)
     model = build_model(load_checkpoint(ckpt_dir, args.step, device="cpu"), device, tok,

@@ -664,7 +664,8 @@ def main():
                     help="weights: auto = bfloat16 on CUDA, float32 elsewhere (conversations reopen under the dtype that made them)")
     ap.add_argument("--decode", default="static", choices=engine.DECODE_MODES,
                     help="one-token steps: static (a CUDA graph on CUDA), compiled (torch.compile'd step and "
-                    "whole-window recompute; one GPU only: each worker would compile in its own thread), dynamic")
+                    "whole-window recompute; one GPU only: each worker would compile in its own thread), fused "
+                    "(the step as Triton kernels, the recompute compiled; CUDA, one GPU), dynamic")
     ap.add_argument("--log-level", default="info")
     for f in fields(Limits):
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
@@ -678,14 +679,18 @@ def main():
     device_type = args.device or autodetect_device_type()
     if args.num_gpus < 1:
         fail("--num-gpus must be >= 1")
-    if args.decode == "compiled" and args.num_gpus > 1:
-        fail("--decode compiled serves one GPU (--num-gpus 1): torch.compile is not safe to run in several worker threads")
+    if args.decode in ("compiled", "fused") and args.num_gpus > 1:
+        fail(f"--decode {args.decode} serves one GPU (--num-gpus 1): torch.compile is not safe to run in several worker threads")
     if device_type == "cuda":
         if args.num_gpus > torch.cuda.device_count():
             fail(f"--num-gpus {args.num_gpus} but only {torch.cuda.device_count()} GPUs are visible")
         devices = [torch.device("cuda", i) for i in range(args.num_gpus)]
     else:
         devices = [torch.device(device_type)]  # one worker: CPU threads are better spent inside torch
+    try:
+        engine.check_decode(args.decode, devices[0])
+    except ValueError as e:
+        fail(str(e))
     limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
     if limits.max_tokens < 1 or limits.max_temperature < 0 or limits.max_queue < 1 or limits.doc_rate < 1:
         fail("limits must be positive")

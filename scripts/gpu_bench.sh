@@ -33,6 +33,10 @@ step decode_phases 200 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histo
 step decode_phases_nopipe 150 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,131072,1048576 --steps 512 --focus union --phases --max-full 0 --no-pipeline
 step decode_phases_compiled 320 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,131072,1048576 --steps 512 --focus union --phases --decode compiled
 step decode_phases_again 200 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,131072,1048576 --steps 512 --focus union --phases
+# the Triton decode step (decode="fused"): one step's replay, loop and kernels against static and compiled
+# (with the fused logits' distance from the static step's), then the decode table with it
+step decode_step_breakdown 240 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --step-breakdown
+step decode_fused 360 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,131072,1048576 --steps 512 --focus union --phases --decode fused
 # full attention at 1M: a 100 GiB KV cache, which an H200 (141 GB) holds and an H100 does not
 step decode_full_1m 450 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 1048576 --max-full 1048576 --steps 32 --focus union
 step decode_compiled_profile 200 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 131072 --steps 96 --max-full 0 --decode compiled --profile

@@ -425,7 +425,7 @@ def test_compiled_decode_equals_static():
     """decode="compiled" (torch.compile before the capture) gives the static step's tokens and
     logits, for the plain Engine (twice: a second generate reuses the compiled code) and for a
     MemorySession across refocus and recompute."""
-    assert set(DECODE_MODES) == {"static", "compiled", "dynamic"}
+    assert set(DECODE_MODES) == {"static", "compiled", "fused", "dynamic"}
     model = make_model(mc=False)
     prompt = np.random.default_rng(0).integers(0, V, 20).tolist()
     out, logs = {}, {}

@@ -1,0 +1,270 @@
+"""
+A fused decode step in Triton (decode="fused"): one token through the GPT over its KV cache in six
+kernels per layer, where the compiled step runs ~17 (bench_decode --step-breakdown).
+
+Per layer, for the one new entry x (the residual stream, in the weights' dtype):
+  1. gemv: qkv = rms_norm(x) @ Wqkv^T          (the norm is the GEMV's prologue)
+  2. attn_split: QK norm + rotary of the new q, k; k, v written to the cache slot; flash-decoding
+     over the cached keys, split into NS chunks per head (the whole GPU reads the cache)
+  3. attn_combine: the NS partial softmaxes per head -> y
+  4. gemv: x += y @ Wproj^T                    (the residual add is the epilogue)
+  5. gemv: u = relu(rms_norm(x) @ Wfc^T)^2
+  6. gemv: x += u @ Wfc2^T
+then rms_norm + lm_head + softcap as one more GEMV. Every kernel has a fixed grid for a given cache,
+so DecodeStep captures the step as one CUDA graph; the slot is read on the device.
+
+Numerics follow GPT.forward's rounding points (each op's output rounded to the activation dtype,
+fp32 inside a kernel); attention accumulates in fp32 where the eager path rounds its scores to bf16,
+so fused logits match the static step to bf16 rounding, and exactly (to fp32 rounding) on fp32
+weights (tests/test_decode_kernels.py, on CPU through TRITON_INTERPRET=1).
+
+Needs triton (CUDA builds of torch ship it). On CPU it runs only under TRITON_INTERPRET=1 (tests).
+"""
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # no triton: decode="fused" says so (fused_unavailable)
+    triton = tl = None
+
+
+def fused_unavailable(device):
+    """None if decode="fused" can run on `device`, else why not (one line)."""
+    if triton is None:
+        return "decode='fused' needs triton (pip install triton; CUDA builds of torch ship it)"
+    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "decode='fused' runs on CUDA (on CPU only under TRITON_INTERPRET=1, for tests)"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_kernel(x_ptr, out_ptr, N, eps, BLOCK: tl.constexpr):
+        """out = rms_norm(x) over one row of N (N <= BLOCK)."""
+        r = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + r, mask=r < N, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / N + eps)
+        tl.store(out_ptr + r, x * rstd, mask=r < N)
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, N, K, eps, cap,
+                     NORM: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr, CAP: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[n] = f(x' @ W[n]) for BLOCK_N rows of W (N, K), x' = rms_norm(x) if NORM else x.
+        f: round to the activation dtype, then relu^2 (ACT), + res[n] (RES) or, for logits,
+        cap * tanh(. / cap) in fp32 (CAP)."""
+        act_ty = x_ptr.dtype.element_ty
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        rstd = 1.0
+        if NORM:
+            ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                xv = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
+                ss += xv * xv
+            rstd = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            kmask = rk < K
+            xv = tl.load(x_ptr + rk, mask=kmask, other=0.0).to(tl.float32)
+            if NORM:
+                xv = (xv * rstd).to(act_ty).to(tl.float32)   # GPT.forward rounds norm(x) before the linear
+            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=nmask[:, None] & kmask[None, :],
+                        other=0.0).to(tl.float32)
+            acc += w * xv[None, :]
+        y = tl.sum(acc, 1).to(act_ty).to(tl.float32)        # the linear's output, rounded
+        if ACT:
+            y = tl.maximum(y, 0.0).to(act_ty).to(tl.float32)
+            y = y * y
+        if RES:
+            y = y + tl.load(res_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        if CAP:
+            z = y / cap
+            t = tl.exp(-2.0 * tl.abs(z))
+            th = (1.0 - t) / (1.0 + t)
+            y = cap * tl.where(z < 0, -th, th)
+        tl.store(out_ptr + rn, y, mask=nmask)
+
+    @triton.jit
+    def _attn_split_kernel(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, slot_ptr, acc_ptr, ml_ptr,
+                           H, HKV, CHUNK, NS, eps, scale,
+                           D: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Program (s, h): query head h over cache slots [s*CHUNK, (s+1)*CHUNK) that are < slot,
+        plus (s == 0) the new entry itself, which this kernel also writes at `slot` (the program of
+        the kv head's first query head does). Writes the chunk's unnormalised acc (D) and (m, l)."""
+        s = tl.program_id(0)
+        h = tl.program_id(1)
+        act_ty = qkv_ptr.dtype.element_ty
+        G = H // HKV
+        g = h // G
+        slot = tl.load(slot_ptr)
+        d = tl.arange(0, D)
+        dr = (d + D // 2) % D                                 # torch.roll(x, D/2) reads x[(i + D/2) % D]
+        cos = tl.load(cos_ptr + d).to(tl.float32)             # full-width tables (gpt.rotary_tables)
+        sin = tl.load(sin_ptr + d).to(tl.float32)
+        # the new q and k: QK norm (rounded), rotary (rounded), as CausalSelfAttention's KV-cached path
+        q = tl.load(qkv_ptr + h * D + d).to(tl.float32)
+        qr = tl.load(qkv_ptr + h * D + dr).to(tl.float32)
+        rq = 1.0 / tl.sqrt(tl.sum(q * q, 0) / D + eps)
+        q = (q * rq).to(act_ty).to(tl.float32)
+        qr = (qr * rq).to(act_ty).to(tl.float32)
+        q = (q * cos + qr * sin).to(act_ty).to(tl.float32)
+        koff = (H + g) * D
+        k = tl.load(qkv_ptr + koff + d).to(tl.float32)
+        kr = tl.load(qkv_ptr + koff + dr).to(tl.float32)
+        rk = 1.0 / tl.sqrt(tl.sum(k * k, 0) / D + eps)
+        k = (k * rk).to(act_ty).to(tl.float32)
+        kr = (kr * rk).to(act_ty).to(tl.float32)
+        k = (k * cos + kr * sin).to(act_ty).to(tl.float32)
+        v = tl.load(qkv_ptr + (H + HKV + g) * D + d).to(tl.float32)
+        row = HKV * D                                        # cache layout (L, HKV, D) for B = 1
+        if (s == 0) & (h % G == 0):
+            tl.store(kc_ptr + slot * row + g * D + d, k)
+            tl.store(vc_ptr + slot * row + g * D + d, v)
+        # cached keys of this chunk below the slot (the slot itself is the new entry, added below)
+        m = tl.full([], -1.0e30, tl.float32)
+        l = tl.full([], 0.0, tl.float32)
+        acc = tl.zeros([D], dtype=tl.float32)
+        start = s * CHUNK
+        end = tl.minimum(start + CHUNK, slot)
+        for t0 in range(start, end, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            tm = t < end
+            off = t[:, None] * row + g * D + d[None, :]
+            kt = tl.load(kc_ptr + off, mask=tm[:, None], other=0.0).to(tl.float32)
+            sc = tl.sum(kt * q[None, :], 1) * scale
+            sc = tl.where(tm, sc, -float("inf"))
+            m_new = tl.maximum(m, tl.max(sc, 0))
+            p = tl.exp(sc - m_new)
+            alpha = tl.exp(m - m_new)
+            vt = tl.load(vc_ptr + off, mask=tm[:, None], other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * vt, 0)
+            l = l * alpha + tl.sum(p, 0)
+            m = m_new
+        if s == 0:
+            sn = tl.sum(k * q, 0) * scale
+            m_new = tl.maximum(m, sn)
+            alpha = tl.exp(m - m_new)
+            pn = tl.exp(sn - m_new)
+            acc = acc * alpha + pn * v
+            l = l * alpha + pn
+            m = m_new
+        base = h * NS + s
+        tl.store(acc_ptr + base * D + d, acc)
+        tl.store(ml_ptr + base * 2, m)
+        tl.store(ml_ptr + base * 2 + 1, l)
+
+    @triton.jit
+    def _attn_combine_kernel(acc_ptr, ml_ptr, y_ptr, NS, D: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Program h: y[h] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over head h's NS chunks."""
+        h = tl.program_id(0)
+        d = tl.arange(0, D)
+        M = tl.full([], -1.0e30, tl.float32)
+        for s0 in range(0, NS, BLOCK_S):
+            r = s0 + tl.arange(0, BLOCK_S)
+            M = tl.maximum(M, tl.max(tl.load(ml_ptr + (h * NS + r) * 2, mask=r < NS, other=-1.0e30), 0))
+        num = tl.zeros([D], dtype=tl.float32)
+        den = tl.full([], 0.0, tl.float32)
+        for s0 in range(0, NS, BLOCK_S):
+            r = s0 + tl.arange(0, BLOCK_S)
+            rm = r < NS
+            w = tl.exp(tl.load(ml_ptr + (h * NS + r) * 2, mask=rm, other=-1.0e30) - M)
+            w = tl.where(rm, w, 0.0)
+            den += tl.sum(w * tl.load(ml_ptr + (h * NS + r) * 2 + 1, mask=rm, other=0.0), 0)
+            a = tl.load(acc_ptr + (h * NS + r)[:, None] * D + d[None, :], mask=rm[:, None], other=0.0)
+            num += tl.sum(w[:, None] * a, 0)
+        tl.store(y_ptr + h * D + d, num / den)
+
+
+def _pow2_at_most(n):
+    return 1 << (max(1, int(n)).bit_length() - 1)
+
+
+def _gemv_blocks(N, K, programs):
+    """BLOCK_N rows per program so that ~`programs` programs cover N (a GEMV is bound by how much
+    of the GPU's bandwidth its grid can use), BLOCK_K columns per load."""
+    block_n = max(1, min(32, _pow2_at_most(max(1, N // programs))))
+    block_k = min(triton.next_power_of_2(K), max(64, 4096 // block_n))
+    return block_n, block_k
+
+
+class FusedDecode:
+    """The fused step for one (model, cache): buffers and launch shapes fixed at construction, so
+    DecodeStep can capture it as a CUDA graph. __call__(x, pos, sigma, slot): x (1, 1) ids or
+    (1, 1, D) embeddings, slot (1,) long device tensor, pos/sigma (1, 1) or None (pos = slot).
+    Writes the entry's K/V at `slot` in every layer and returns (1, V) float32 logits."""
+
+    def __init__(self, model, cache):
+        why = fused_unavailable(cache.k.device)
+        if why:
+            raise RuntimeError(why)
+        if cache.k.size(1) != 1:
+            raise ValueError(f"decode='fused' decodes one sequence (batch 1), the cache has {cache.k.size(1)}")
+        cfg = model.config
+        self.model, self.cache = model, cache
+        blocks = list(model.transformer.h)
+        a0 = blocks[0].attn
+        self.H, self.HKV, self.Dh = a0.n_head, a0.n_kv_head, a0.head_dim
+        if self.Dh & (self.Dh - 1):
+            raise ValueError(f"decode='fused' needs a power-of-two head dim, got {self.Dh}")
+        self.D, self.V = cfg.n_embd, cfg.vocab_size
+        w = model.lm_head.weight
+        self.dtype, dev = w.dtype, w.device
+        self.eps = torch.finfo(self.dtype).eps   # F.rms_norm's default eps (GPT's norm)
+        self.cap = float(cfg.softcap or 0.0)
+        self.scale = self.Dh ** -0.5
+        L = cache.max_len
+        if dev.type == "cuda":   # grids of a few programs per SM: the whole GPU reads weights and cache
+            sms = torch.cuda.get_device_properties(dev).multi_processor_count
+            self.programs, self.block_t, ns = 2 * sms, 64, max(1, min(128, triton.cdiv(4 * sms, self.H)))
+        else:                    # the interpreter (tests) runs programs one by one: few, but still > 1 split
+            self.programs, self.block_t, ns = 2, 16, 2
+        self.chunk = triton.cdiv(triton.cdiv(L, ns), self.block_t) * self.block_t
+        self.ns = triton.cdiv(L, self.chunk)
+        e = lambda *s, dt=self.dtype: torch.empty(*s, device=dev, dtype=dt)  # noqa: E731
+        self.x = e(self.D)
+        self.qkv = e((self.H + 2 * self.HKV) * self.Dh)
+        self.y, self.u = e(self.D), e(4 * self.D)
+        self.part_acc = e(self.H * self.ns * self.Dh, dt=torch.float32)
+        self.part_ml = e(self.H * self.ns * 2, dt=torch.float32)
+        self.logits = e(1, self.V, dt=torch.float32)
+        self.blocks = blocks
+
+    def _gemv(self, x, w, out, norm=False, act=False, res=None, cap=0.0):
+        N, K = w.shape
+        bn, bk = _gemv_blocks(N, K, self.programs)
+        _gemv_kernel[(triton.cdiv(N, bn),)](
+            x, w, out, res if res is not None else out, N, K, self.eps, cap if cap else 1.0,
+            NORM=norm, ACT=act, RES=res is not None, CAP=bool(cap), BLOCK_N=bn, BLOCK_K=bk)
+
+    @torch.no_grad()
+    def __call__(self, x, pos, sigma, slot):
+        from nanochat.gpt import rotary_cos_sin, rotary_tables
+        model, c = self.model, self.cache
+        emb = model.embed(x) if not x.is_floating_point() else x
+        pos = slot[None] if pos is None else pos
+        cos, sin = rotary_tables(*rotary_cos_sin(pos, self.Dh, model.config.rope_base, sigma, dtype=self.dtype))
+        cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
+        D = self.D
+        _rms_kernel[(1,)](emb.reshape(-1).to(self.dtype).contiguous(), self.x, D, self.eps,
+                          BLOCK=triton.next_power_of_2(D))
+        for i, blk in enumerate(self.blocks):
+            a = blk.attn
+            self._gemv(self.x, a.qkv_weight(), self.qkv, norm=True)
+            _attn_split_kernel[(self.ns, self.H)](
+                self.qkv, c.k[i], c.v[i], cos, sin, slot, self.part_acc, self.part_ml,
+                self.H, self.HKV, self.chunk, self.ns, self.eps, self.scale,
+                D=self.Dh, BLOCK_T=self.block_t)
+            _attn_combine_kernel[(self.H,)](self.part_acc, self.part_ml, self.y, self.ns,
+                                            D=self.Dh, BLOCK_S=min(16, triton.next_power_of_2(self.ns)))
+            self._gemv(self.y, a.c_proj.weight, self.x, res=self.x)
+            self._gemv(self.x, blk.mlp.c_fc.weight, self.u, norm=True, act=True)
+            self._gemv(self.u, blk.mlp.c_proj.weight, self.x, res=self.x)
+        self._gemv(self.x, model.lm_head.weight, self.logits, norm=True, cap=self.cap)
+        return self.logits
