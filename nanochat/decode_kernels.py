@@ -21,6 +21,8 @@ weights (tests/test_decode_kernels.py, on CPU through TRITON_INTERPRET=1).
 Needs triton (CUDA builds of torch ship it). On CPU it runs only under TRITON_INTERPRET=1 (tests).
 """
 import os
+import json
+import math
 
 import torch
 
@@ -53,32 +55,35 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, N, K, eps, cap,
                      NORM: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr, CAP: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """out[n] = f(x' @ W[n]) for BLOCK_N rows of W (N, K), x' = rms_norm(x) if NORM else x.
         f: round to the activation dtype, then relu^2 (ACT), + res[n] (RES) or, for logits,
-        cap * tanh(. / cap) in fp32 (CAP)."""
+        cap * tanh(. / cap) in fp32 (CAP). The norm is one pass with the dot products: its sum of
+        squares comes from the same loads of x, and 1/rms scales the row sums (x' is not rounded
+        before the dot, as GPT.forward's norm output is: a difference of bf16 rounding).
+        EVEN: N % BLOCK_N == 0 and K % BLOCK_K == 0 (no masks)."""
         act_ty = x_ptr.dtype.element_ty
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < N
-        rstd = 1.0
-        if NORM:
-            ss = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                rk = k0 + tl.arange(0, BLOCK_K)
-                xv = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
-                ss += xv * xv
-            rstd = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        ss = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            kmask = rk < K
-            xv = tl.load(x_ptr + rk, mask=kmask, other=0.0).to(tl.float32)
-            if NORM:
-                xv = (xv * rstd).to(act_ty).to(tl.float32)   # GPT.forward rounds norm(x) before the linear
-            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=nmask[:, None] & kmask[None, :],
-                        other=0.0).to(tl.float32)
+            if EVEN:
+                xv = tl.load(x_ptr + rk).to(tl.float32)
+                w = tl.load(w_ptr + rn[:, None] * K + rk[None, :]).to(tl.float32)
+            else:
+                kmask = rk < K
+                xv = tl.load(x_ptr + rk, mask=kmask, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=nmask[:, None] & kmask[None, :],
+                            other=0.0).to(tl.float32)
             acc += w * xv[None, :]
-        y = tl.sum(acc, 1).to(act_ty).to(tl.float32)        # the linear's output, rounded
+            if NORM:
+                ss += xv * xv
+        y = tl.sum(acc, 1)
+        if NORM:
+            y = y / tl.sqrt(tl.sum(ss, 0) / K + eps)
+        y = y.to(act_ty).to(tl.float32)                      # the linear's output, rounded
         if ACT:
             y = tl.maximum(y, 0.0).to(act_ty).to(tl.float32)
             y = y * y
@@ -186,12 +191,69 @@ def _pow2_at_most(n):
     return 1 << (max(1, int(n)).bit_length() - 1)
 
 
-def _gemv_blocks(N, K, programs):
-    """BLOCK_N rows per program so that ~`programs` programs cover N (a GEMV is bound by how much
-    of the GPU's bandwidth its grid can use), BLOCK_K columns per load."""
-    block_n = max(1, min(32, _pow2_at_most(max(1, N // programs))))
+def gemv_config(N, K, sms):
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an (N, K) GEMV on a GPU of `sms` SMs: enough
+    programs to spread the weight over every SM (a GEMV is bound by how much of the bandwidth its
+    grid can use), BLOCK_N x BLOCK_K = 4096 loads per step. scripts/bench_decode_kernels.py sweeps
+    the alternatives on a GPU (`GEMV_TUNED` holds what it found)."""
+    tuned = GEMV_TUNED.get((N, K))
+    if tuned:
+        return tuned
+    block_n = max(1, min(32, _pow2_at_most(max(1, N // (2 * sms)))))
     block_k = min(triton.next_power_of_2(K), max(64, 4096 // block_n))
-    return block_n, block_k
+    return block_n, block_k, 4, 3
+
+
+GEMV_TUNED = {}     # (N, K) -> (BLOCK_N, BLOCK_K, num_warps, num_stages), from bench_decode_kernels
+
+
+def gemv(x, w, out, eps=0.0, norm=False, act=False, res=None, cap=0.0, config=None):
+    """out = f(x' @ w^T) (see _gemv_kernel) for x (K,), w (N, K) contiguous, out (N,)."""
+    N, K = w.shape
+    bn, bk, warps, stages = config or gemv_config(N, K, _sms(w.device))
+    _gemv_kernel[(triton.cdiv(N, bn),)](
+        x, w, out, res if res is not None else out, N, K, eps, cap if cap else 1.0,
+        NORM=norm, ACT=act, RES=res is not None, CAP=bool(cap), EVEN=(N % bn == 0 and K % bk == 0),
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+
+
+def _sms(device):
+    if device.type != "cuda":
+        return 1    # the interpreter (tests) runs programs one by one: few of them
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def attn_config(L, H, sms, block_t=None, programs_per_sm=None, warps=None):
+    """(CHUNK, NS, BLOCK_T, num_warps): NS chunks of CHUNK cache slots per head, ~programs_per_sm
+    programs per SM in all (CPU, the interpreter: 3 chunks, so that tests cover the combine).
+    Unset arguments come from ATTN_TUNED at the measured cache length nearest L, else 64 / 4 / 4."""
+    if ATTN_TUNED:
+        near = min(ATTN_TUNED, key=lambda n: abs(math.log(n / L)))
+        t = ATTN_TUNED[near]
+        block_t, programs_per_sm, warps = (a if a is not None else t[k] for a, k in
+                                           ((block_t, "block_t"), (programs_per_sm, "programs_per_sm"), (warps, "warps")))
+    block_t, programs_per_sm, warps = block_t or 64, programs_per_sm or 4, warps or 4
+    if sms == 1:
+        block_t, ns = 8, 3
+    else:
+        ns = max(1, min(128, triton.cdiv(programs_per_sm * sms, H)))
+    chunk = triton.cdiv(triton.cdiv(L, ns), block_t) * block_t
+    return chunk, triton.cdiv(L, chunk), block_t, warps
+
+
+ATTN_TUNED = {}     # cache length -> {block_t, programs_per_sm, warps}, from bench_decode_kernels
+
+
+def load_tuning(path):
+    """Take the launch configs a `python -m scripts.bench_decode_kernels` run found (its JSON)."""
+    with open(path) as f:
+        t = json.load(f)
+    GEMV_TUNED.update({tuple(int(v) for v in k.split(",")): tuple(c) for k, c in t.get("gemv_tuned", {}).items()})
+    ATTN_TUNED.update({int(k): dict(v) for k, v in t.get("attn_tuned", {}).items()})
+
+
+if triton is not None and os.environ.get("NANOCHAT_DECODE_TUNING"):
+    load_tuning(os.environ["NANOCHAT_DECODE_TUNING"])
 
 
 class FusedDecode:
@@ -219,14 +281,8 @@ class FusedDecode:
         self.eps = torch.finfo(self.dtype).eps   # F.rms_norm's default eps (GPT's norm)
         self.cap = float(cfg.softcap or 0.0)
         self.scale = self.Dh ** -0.5
-        L = cache.max_len
-        if dev.type == "cuda":   # grids of a few programs per SM: the whole GPU reads weights and cache
-            sms = torch.cuda.get_device_properties(dev).multi_processor_count
-            self.programs, self.block_t, ns = 2 * sms, 64, max(1, min(128, triton.cdiv(4 * sms, self.H)))
-        else:                    # the interpreter (tests) runs programs one by one: few, but still > 1 split
-            self.programs, self.block_t, ns = 2, 16, 2
-        self.chunk = triton.cdiv(triton.cdiv(L, ns), self.block_t) * self.block_t
-        self.ns = triton.cdiv(L, self.chunk)
+        self.sms = _sms(dev)
+        self.chunk, self.ns, self.block_t, self.attn_warps = attn_config(cache.max_len, self.H, self.sms, **ATTN_TUNED)
         e = lambda *s, dt=self.dtype: torch.empty(*s, device=dev, dtype=dt)  # noqa: E731
         self.x = e(self.D)
         self.qkv = e((self.H + 2 * self.HKV) * self.Dh)
@@ -237,11 +293,7 @@ class FusedDecode:
         self.blocks = blocks
 
     def _gemv(self, x, w, out, norm=False, act=False, res=None, cap=0.0):
-        N, K = w.shape
-        bn, bk = _gemv_blocks(N, K, self.programs)
-        _gemv_kernel[(triton.cdiv(N, bn),)](
-            x, w, out, res if res is not None else out, N, K, self.eps, cap if cap else 1.0,
-            NORM=norm, ACT=act, RES=res is not None, CAP=bool(cap), BLOCK_N=bn, BLOCK_K=bk)
+        gemv(x, w, out, self.eps, norm=norm, act=act, res=res, cap=cap, config=gemv_config(*w.shape, self.sms))
 
     @torch.no_grad()
     def __call__(self, x, pos, sigma, slot):
@@ -260,7 +312,7 @@ class FusedDecode:
             _attn_split_kernel[(self.ns, self.H)](
                 self.qkv, c.k[i], c.v[i], cos, sin, slot, self.part_acc, self.part_ml,
                 self.H, self.HKV, self.chunk, self.ns, self.eps, self.scale,
-                D=self.Dh, BLOCK_T=self.block_t)
+                D=self.Dh, BLOCK_T=self.block_t, num_warps=self.attn_warps)
             _attn_combine_kernel[(self.H,)](self.part_acc, self.part_ml, self.y, self.ns,
                                             D=self.Dh, BLOCK_S=min(16, triton.next_power_of_2(self.ns)))
             self._gemv(self.y, a.c_proj.weight, self.x, res=self.x)

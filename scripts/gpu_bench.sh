@@ -35,6 +35,8 @@ step decode_phases_compiled 320 "$PY" -m scripts.bench_decode --depth 20 --W 409
 step decode_phases_again 200 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,131072,1048576 --steps 512 --focus union --phases
 # the Triton decode step (decode="fused"): one step's replay, loop and kernels against static and compiled
 # (with the fused logits' distance from the static step's), then the decode table with it
+# (the kernels' launch configs first: NANOCHAT_DECODE_TUNING=<its JSON> makes the later steps use what it found)
+step decode_kernels 300 "$PY" -m scripts.bench_decode_kernels --depth 20
 step decode_step_breakdown 240 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --step-breakdown
 step decode_fused 360 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,131072,1048576 --steps 512 --focus union --phases --decode fused
 # full attention at 1M: a 100 GiB KV cache, which an H200 (141 GB) holds and an H100 does not

@@ -1,4 +1,13 @@
+import os
+
 import pytest
+
+# decode="fused" is Triton: on a machine without a GPU its kernels run in Triton's interpreter
+# (tests/test_decode_kernels.py). The variable must be set before the kernels are defined.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")
