@@ -45,8 +45,11 @@ def fused_unavailable(device):
 if triton is not None:
 
     @triton.jit
-    def _rms_kernel(x_ptr, out_ptr, N, eps, BLOCK: tl.constexpr):
+    def _rms_kernel(x_ptr, out_ptr, N, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """out = rms_norm(x) over one row of N (N <= BLOCK)."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         r = tl.arange(0, BLOCK)
         x = tl.load(x_ptr + r, mask=r < N, other=0.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / N + eps)
@@ -55,7 +58,7 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, N, K, eps, cap,
                      NORM: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr, CAP: tl.constexpr,
-                     EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     EVEN: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """out[n] = f(x' @ W[n]) for BLOCK_N rows of W (N, K), x' = rms_norm(x) if NORM else x.
         f: round to the activation dtype, then relu^2 (ACT), + res[n] (RES) or, for logits,
         cap * tanh(. / cap) in fp32 (CAP). The norm is one pass with the dot products: its sum of
@@ -63,6 +66,9 @@ if triton is not None:
         before the dot, as GPT.forward's norm output is: a difference of bf16 rounding).
         EVEN: N % BLOCK_N == 0 and K % BLOCK_K == 0 (no masks)."""
         act_ty = x_ptr.dtype.element_ty
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < N
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -97,9 +103,42 @@ if triton is not None:
         tl.store(out_ptr + rn, y, mask=nmask)
 
     @triton.jit
+    def _gemv1_kernel(x_ptr, w_ptr, out_ptr, res_ptr, N, K, eps, cap,
+                      NORM: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr, CAP: tl.constexpr,
+                      PDL: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr):
+        """_gemv_kernel for a row block that fits in one load (BLOCK_N x KP, KP = K rounded up to a
+        power of two), issued first: with programmatic dependent launch (PDL) this program reads its
+        weights while the kernel before it still runs, and waits (gdc_wait) only to read x."""
+        act_ty = x_ptr.dtype.element_ty
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        rk = tl.arange(0, KP)
+        kmask = rk < K
+        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        xv = tl.load(x_ptr + rk, mask=kmask, other=0.0).to(tl.float32)
+        y = tl.sum(w.to(tl.float32) * xv[None, :], 1)
+        if NORM:
+            y = y / tl.sqrt(tl.sum(xv * xv, 0) / K + eps)
+        y = y.to(act_ty).to(tl.float32)
+        if ACT:
+            y = tl.maximum(y, 0.0).to(act_ty).to(tl.float32)
+            y = y * y
+        if RES:
+            y = y + tl.load(res_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        if CAP:
+            z = y / cap
+            t = tl.exp(-2.0 * tl.abs(z))
+            th = (1.0 - t) / (1.0 + t)
+            y = cap * tl.where(z < 0, -th, th)
+        tl.store(out_ptr + rn, y, mask=nmask)
+
+    @triton.jit
     def _attn_split_kernel(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, slot_ptr, acc_ptr, ml_ptr,
                            H, HKV, CHUNK, NS, eps, scale,
-                           D: tl.constexpr, BLOCK_T: tl.constexpr):
+                           D: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
         """Program (s, h): query head h over cache slots [s*CHUNK, (s+1)*CHUNK) that are < slot,
         plus (s == 0) the new entry itself, which this kernel also writes at `slot` (the program of
         the kv head's first query head does). Writes the chunk's unnormalised acc (D) and (m, l)."""
@@ -108,8 +147,20 @@ if triton is not None:
         act_ty = qkv_ptr.dtype.element_ty
         G = H // HKV
         g = h // G
-        slot = tl.load(slot_ptr)
+        slot = tl.load(slot_ptr)                              # set before the step: no wait needed
         d = tl.arange(0, D)
+        row = HKV * D                                        # cache layout (L, HKV, D) for B = 1
+        start = s * CHUNK
+        end = tl.minimum(start + CHUNK, slot)                 # cached keys of this chunk below the slot
+        # the chunk's first tile: slots written by earlier steps, so (PDL) read before the wait
+        t = start + tl.arange(0, BLOCK_T)
+        tm = t < end
+        off = t[:, None] * row + g * D + d[None, :]
+        kt0 = tl.load(kc_ptr + off, mask=tm[:, None], other=0.0)
+        vt0 = tl.load(vc_ptr + off, mask=tm[:, None], other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         dr = (d + D // 2) % D                                 # torch.roll(x, D/2) reads x[(i + D/2) % D]
         cos = tl.load(cos_ptr + d).to(tl.float32)             # full-width tables (gpt.rotary_tables)
         sin = tl.load(sin_ptr + d).to(tl.float32)
@@ -128,17 +179,16 @@ if triton is not None:
         kr = (kr * rk).to(act_ty).to(tl.float32)
         k = (k * cos + kr * sin).to(act_ty).to(tl.float32)
         v = tl.load(qkv_ptr + (H + HKV + g) * D + d).to(tl.float32)
-        row = HKV * D                                        # cache layout (L, HKV, D) for B = 1
         if (s == 0) & (h % G == 0):
             tl.store(kc_ptr + slot * row + g * D + d, k)
             tl.store(vc_ptr + slot * row + g * D + d, v)
-        # cached keys of this chunk below the slot (the slot itself is the new entry, added below)
-        m = tl.full([], -1.0e30, tl.float32)
-        l = tl.full([], 0.0, tl.float32)
-        acc = tl.zeros([D], dtype=tl.float32)
-        start = s * CHUNK
-        end = tl.minimum(start + CHUNK, slot)
-        for t0 in range(start, end, BLOCK_T):
+        # online softmax over the chunk: the prefetched tile, then the rest
+        sc = tl.where(tm, tl.sum(kt0.to(tl.float32) * q[None, :], 1) * scale, -float("inf"))
+        m = tl.maximum(tl.max(sc, 0), -1.0e30)
+        p = tl.exp(sc - m)
+        l = tl.sum(p, 0)
+        acc = tl.sum(p[:, None] * vt0.to(tl.float32), 0)
+        for t0 in range(start + BLOCK_T, end, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             tm = t < end
             off = t[:, None] * row + g * D + d[None, :]
@@ -166,8 +216,11 @@ if triton is not None:
         tl.store(ml_ptr + base * 2 + 1, l)
 
     @triton.jit
-    def _attn_combine_kernel(acc_ptr, ml_ptr, y_ptr, NS, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    def _attn_combine_kernel(acc_ptr, ml_ptr, y_ptr, NS, D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
         """Program h: y[h] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over head h's NS chunks."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         h = tl.program_id(0)
         d = tl.arange(0, D)
         M = tl.full([], -1.0e30, tl.float32)
@@ -196,7 +249,7 @@ def gemv_config(N, K, sms):
     programs to spread the weight over every SM (a GEMV is bound by how much of the bandwidth its
     grid can use), BLOCK_N x BLOCK_K = 4096 loads per step. scripts/bench_decode_kernels.py sweeps
     the alternatives on a GPU (`GEMV_TUNED` holds what it found)."""
-    tuned = GEMV_TUNED.get((N, K))
+    tuned = GEMV_TUNED.get((N, K)) if sms > 1 else None
     if tuned:
         return tuned
     block_n = max(1, min(32, _pow2_at_most(max(1, N // (2 * sms)))))
@@ -204,17 +257,44 @@ def gemv_config(N, K, sms):
     return block_n, block_k, 4, 3
 
 
-GEMV_TUNED = {}     # (N, K) -> (BLOCK_N, BLOCK_K, num_warps, num_stages), from bench_decode_kernels
+# (N, K) -> (BLOCK_N, BLOCK_K, num_warps, num_stages): the d20 shapes' best on one H200 (132 SMs, as
+# an H100 SXM), results/h200/decode_kernels_d20.json. GPUs only: the interpreter keeps the heuristic
+GEMV_TUNED = {(3840, 1280): (4, 512, 4, 2), (1280, 1280): (2, 1024, 4, 2), (5120, 1280): (4, 256, 4, 2),
+              (1280, 5120): (1, 1024, 4, 2), (32768, 1280): (32, 256, 4, 2)}
 
 
-def gemv(x, w, out, eps=0.0, norm=False, act=False, res=None, cap=0.0, config=None):
-    """out = f(x' @ w^T) (see _gemv_kernel) for x (K,), w (N, K) contiguous, out (N,)."""
+def gemv(x, w, out, eps=0.0, norm=False, act=False, res=None, cap=0.0, config=None, pdl=False, single=None):
+    """out = f(x' @ w^T) (see _gemv_kernel) for x (K,), w (N, K) contiguous, out (N,). pdl: launch
+    with programmatic dependent launch (see pdl_supported); a row block that fits one load then
+    runs as _gemv1_kernel, which reads its weights before it waits for the kernel before it
+    (single=True/False forces the one-load kernel or the looped one, where the block fits)."""
     N, K = w.shape
     bn, bk, warps, stages = config or gemv_config(N, K, _sms(w.device))
-    _gemv_kernel[(triton.cdiv(N, bn),)](
-        x, w, out, res if res is not None else out, N, K, eps, cap if cap else 1.0,
-        NORM=norm, ACT=act, RES=res is not None, CAP=bool(cap), EVEN=(N % bn == 0 and K % bk == 0),
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    args = (x, w, out, res if res is not None else out, N, K, eps, cap if cap else 1.0)
+    kw = dict(NORM=norm, ACT=act, RES=res is not None, CAP=bool(cap), PDL=pdl, num_warps=warps)
+    if pdl:
+        kw["launch_pdl"] = True
+    kp = triton.next_power_of_2(K)
+    if (pdl if single is None else single) and bn * kp <= 8192:
+        _gemv1_kernel[(triton.cdiv(N, bn),)](*args, BLOCK_N=bn, KP=kp, **kw)
+    else:
+        _gemv_kernel[(triton.cdiv(N, bn),)](*args, EVEN=(N % bn == 0 and K % bk == 0), BLOCK_N=bn, BLOCK_K=bk,
+                                            num_stages=stages, **kw)
+
+
+def pdl_supported(device):
+    """Programmatic dependent launch: each kernel of the step starts while the one before it
+    finishes, and reads what does not depend on it (weights, cached K/V) before it waits.
+    Hopper (sm90) and later, with a Triton that has `launch_pdl`; NANOCHAT_FUSED_PDL=0 turns it off."""
+    if os.environ.get("NANOCHAT_FUSED_PDL", "1") == "0" or torch.device(device).type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        return "launch_pdl" in CUDAOptions.__dataclass_fields__
+    except Exception:
+        return False
 
 
 def _sms(device):
@@ -241,7 +321,8 @@ def attn_config(L, H, sms, block_t=None, programs_per_sm=None, warps=None):
     return chunk, triton.cdiv(L, chunk), block_t, warps
 
 
-ATTN_TUNED = {}     # cache length -> {block_t, programs_per_sm, warps}, from bench_decode_kernels
+# cache length -> {block_t, programs_per_sm, warps}: the same run's best at 4k and 128k slots
+ATTN_TUNED = {4096: dict(block_t=128, programs_per_sm=8, warps=4), 131072: dict(block_t=128, programs_per_sm=4, warps=8)}
 
 
 def load_tuning(path):
@@ -262,7 +343,8 @@ class FusedDecode:
     (1, 1, D) embeddings, slot (1,) long device tensor, pos/sigma (1, 1) or None (pos = slot).
     Writes the entry's K/V at `slot` in every layer and returns (1, V) float32 logits."""
 
-    def __init__(self, model, cache):
+    def __init__(self, model, cache, pdl=None):
+        """pdl: programmatic dependent launch (None: where pdl_supported says it runs)."""
         why = fused_unavailable(cache.k.device)
         if why:
             raise RuntimeError(why)
@@ -282,7 +364,9 @@ class FusedDecode:
         self.cap = float(cfg.softcap or 0.0)
         self.scale = self.Dh ** -0.5
         self.sms = _sms(dev)
-        self.chunk, self.ns, self.block_t, self.attn_warps = attn_config(cache.max_len, self.H, self.sms, **ATTN_TUNED)
+        self.pdl = pdl_supported(dev) if pdl is None else bool(pdl)
+        self._launch = dict(PDL=self.pdl, **({"launch_pdl": True} if self.pdl else {}))
+        self.chunk, self.ns, self.block_t, self.attn_warps = attn_config(cache.max_len, self.H, self.sms)
         e = lambda *s, dt=self.dtype: torch.empty(*s, device=dev, dtype=dt)  # noqa: E731
         self.x = e(self.D)
         self.qkv = e((self.H + 2 * self.HKV) * self.Dh)
@@ -293,7 +377,8 @@ class FusedDecode:
         self.blocks = blocks
 
     def _gemv(self, x, w, out, norm=False, act=False, res=None, cap=0.0):
-        gemv(x, w, out, self.eps, norm=norm, act=act, res=res, cap=cap, config=gemv_config(*w.shape, self.sms))
+        gemv(x, w, out, self.eps, norm=norm, act=act, res=res, cap=cap, config=gemv_config(*w.shape, self.sms),
+             pdl=self.pdl)
 
     @torch.no_grad()
     def __call__(self, x, pos, sigma, slot):
@@ -305,16 +390,16 @@ class FusedDecode:
         cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
         D = self.D
         _rms_kernel[(1,)](emb.reshape(-1).to(self.dtype).contiguous(), self.x, D, self.eps,
-                          BLOCK=triton.next_power_of_2(D))
+                          BLOCK=triton.next_power_of_2(D), **self._launch)
         for i, blk in enumerate(self.blocks):
             a = blk.attn
             self._gemv(self.x, a.qkv_weight(), self.qkv, norm=True)
             _attn_split_kernel[(self.ns, self.H)](
                 self.qkv, c.k[i], c.v[i], cos, sin, slot, self.part_acc, self.part_ml,
                 self.H, self.HKV, self.chunk, self.ns, self.eps, self.scale,
-                D=self.Dh, BLOCK_T=self.block_t, num_warps=self.attn_warps)
+                D=self.Dh, BLOCK_T=self.block_t, num_warps=self.attn_warps, **self._launch)
             _attn_combine_kernel[(self.H,)](self.part_acc, self.part_ml, self.y, self.ns,
-                                            D=self.Dh, BLOCK_S=min(16, triton.next_power_of_2(self.ns)))
+                                            D=self.Dh, BLOCK_S=min(16, triton.next_power_of_2(self.ns)), **self._launch)
             self._gemv(self.y, a.c_proj.weight, self.x, res=self.x)
             self._gemv(self.x, blk.mlp.c_fc.weight, self.u, norm=True, act=True)
             self._gemv(self.u, blk.mlp.c_proj.weight, self.x, res=self.x)

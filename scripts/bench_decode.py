@@ -312,8 +312,9 @@ def count_step_ops(args, device):
 
 def step_breakdown(args, device, n=64):
     """--step-breakdown: where one decode step's time goes, over a cache of W - 1 entries (the MC
-    window's shape, and full attention's at a W-token history). Per variant (static, and static
-    + torch.compile): the step alone (CUDA: n graph replays queued back to back, timed with events,
+    window's shape, and full attention's at a W-token history). Per variant (static, static
+    + torch.compile, the Triton step with and without programmatic dependent launch, and their
+    logits' distance from the static step's): the step alone (CUDA: n graph replays queued back to back, timed with events,
     so the host is off the critical path), the bench's per-token loop (sample, host sync, step),
     and one eager run under the profiler: kernels launched, their summed device time, and the
     kernel groups that take most of it. replay >> kernel sum means gaps between kernels (launch
@@ -324,59 +325,69 @@ def step_breakdown(args, device, n=64):
     ids = torch.from_numpy(np.random.default_rng(0).integers(0, args.vocab, size=args.W - 1, dtype=np.int64))
     out = {"bench": "decode_step_breakdown", "n_layer": args.depth, "n_embd": model.config.n_embd,
            "cached_entries": args.W - 1, "variants": {}}
-    first = {}
-    for name, compile_, fused in (("static", False, False), ("compiled", True, False), ("fused", False, True)):
+    first, pdl_env = {}, os.environ.get("NANOCHAT_FUSED_PDL", "1")
+    for name, compile_, fused in (("static", False, False), ("compiled", True, False), ("fused", False, True),
+                                  ("fused_nopdl", False, True)):
         if (compile_ or fused) and device.type != "cuda":
             continue
-        cache = engine.new_cache(1, args.W)
-        logits = engine.prefill(ids[None].to(device), cache)
-        slot = cache.pos
-        step = DecodeStep(model, cache, engine.autocast, compile=compile_, fused=fused)
-        x = torch.zeros(1, 1, dtype=torch.long, device=device)
-        first[name] = step(x, slot)                          # warm, compile, capture
-        for _ in range(2):
-            step(x, slot)
-        synchronize(device.type)
-        row = {}
-        if name != "static":   # the same entry over the same cache: how far the logits are from the static step's
-            row["max_abs_diff_vs_static"] = round((first[name] - first["static"]).abs().max().item(), 5)
-            row["argmax_equal"] = bool((first[name].argmax(-1) == first["static"].argmax(-1)).all())
-        if step._graph is not None:
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            for _ in range(n):
-                step._graph.replay()
-            e1.record()
+        # fused_nopdl: the same kernels launched without programmatic dependent launch (A/B)
+        os.environ["NANOCHAT_FUSED_PDL"] = "0" if name == "fused_nopdl" else pdl_env
+        try:
+            cache = engine.new_cache(1, args.W)
+            logits = engine.prefill(ids[None].to(device), cache)
+            slot = cache.pos
+            step = DecodeStep(model, cache, engine.autocast, compile=compile_, fused=fused)
+            x = torch.zeros(1, 1, dtype=torch.long, device=device)
+            first[name] = step(x, slot)                          # warm, compile, capture
+            for _ in range(2):
+                step(x, slot)
             synchronize(device.type)
-            row["replay_ms"] = round(e0.elapsed_time(e1) / n, 4)
-        rng = torch.Generator(device=device).manual_seed(0)
-        for i in range(n + 8):   # 8 untimed: the sampler's kernels load lazily at their first launch
-            if i == 8:
+            row = {"pdl": step._fd.pdl} if fused else {}
+            if name != "static":   # the same entry over the same cache: how far the logits are from the static step's
+                row["max_abs_diff_vs_static"] = round((first[name] - first["static"]).abs().max().item(), 5)
+                row["argmax_equal"] = bool((first[name].argmax(-1) == first["static"].argmax(-1)).all())
+            if step._graph is not None:
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                for _ in range(n):
+                    step._graph.replay()
+                e1.record()
                 synchronize(device.type)
-                t0 = time.perf_counter()
-            nxt = sample_next(logits, rng, 1.0, 50)
-            int(nxt[0, 0])
-            logits = step(nxt, slot)
-        synchronize(device.type)
-        row["loop_ms"] = round((time.perf_counter() - t0) / n * 1e3, 4)
-        eager = DecodeStep(model, cache, engine.autocast, graph=False, compile=compile_, fused=fused)
-        eager(x, slot)
-        with profiler(device) as prof:
-            eager(x, slot)
+                row["replay_ms"] = round(e0.elapsed_time(e1) / n, 4)
+            rng = torch.Generator(device=device).manual_seed(0)
+            for i in range(n + 8):   # 8 untimed: the sampler's kernels load lazily at their first launch
+                if i == 8:
+                    synchronize(device.type)
+                    t0 = time.perf_counter()
+                nxt = sample_next(logits, rng, 1.0, 50)
+                int(nxt[0, 0])
+                logits = step(nxt, slot)
             synchronize(device.type)
-        if device.type == "cuda":
-            ks = cuda_kernels(prof)
-            groups = {}
-            for e in ks:
-                g = groups.setdefault(e.name[:90], [0, 0.0])
-                g[0] += 1
-                g[1] += e.device_time_total / 1e3
-            row.update(kernels=len(ks), kernel_sum_ms=round(sum(e.device_time_total for e in ks) / 1e3, 4),
-                       top_kernels=[{"kernel": k, "calls": c, "ms": round(t, 4)} for k, (c, t) in
-                                    sorted(groups.items(), key=lambda kv: -kv[1][1])[:14]])
-        out["variants"][name] = row
-        del step, eager, cache
+            row["loop_ms"] = round((time.perf_counter() - t0) / n * 1e3, 4)
+            # the same entry again after all those replays and steps: a race between kernels would show here
+            row["repeat_max_abs_diff"] = round((step(x, slot) - first[name]).abs().max().item(), 6)
+            eager = DecodeStep(model, cache, engine.autocast, graph=False, compile=compile_, fused=fused)
+            eager(x, slot)
+            with profiler(device) as prof:
+                eager(x, slot)
+                synchronize(device.type)
+            if device.type == "cuda":
+                ks = cuda_kernels(prof)
+                groups = {}
+                for e in ks:
+                    g = groups.setdefault(e.name[:90], [0, 0.0])
+                    g[0] += 1
+                    g[1] += e.device_time_total / 1e3
+                row.update(kernels=len(ks), kernel_sum_ms=round(sum(e.device_time_total for e in ks) / 1e3, 4),
+                           top_kernels=[{"kernel": k, "calls": c, "ms": round(t, 4)} for k, (c, t) in
+                                        sorted(groups.items(), key=lambda kv: -kv[1][1])[:14]])
+            out["variants"][name] = row
+            del step, eager
+        except Exception as e:   # one variant failing (a compiler, a launch) leaves the others' figures
+            out["variants"][name] = {"error": f"{type(e).__name__}: {e}"[:600]}
+        cache = step = eager = None
         reset_mem(device)
+    os.environ["NANOCHAT_FUSED_PDL"] = pdl_env
     return out
 
 

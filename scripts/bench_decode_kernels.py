@@ -111,8 +111,8 @@ def bench_attn(L, H, HKV, Dh, reps, dev, sms, dtype, layers=20):
 
         def run(i):
             dk._attn_split_kernel[(ns, H)](qkv, kc[i % layers], vc[i % layers], cos, sin, slot, acc, ml,
-                                           H, HKV, chunk, ns, 1e-6, Dh ** -0.5, D=Dh, BLOCK_T=bt, num_warps=w)
-            dk._attn_combine_kernel[(H,)](acc, ml, y, ns, D=Dh, BLOCK_S=min(16, dk.triton.next_power_of_2(ns)))
+                                           H, HKV, chunk, ns, 1e-6, Dh ** -0.5, D=Dh, BLOCK_T=bt, num_warps=w, PDL=False)
+            dk._attn_combine_kernel[(H,)](acc, ml, y, ns, D=Dh, BLOCK_S=min(16, dk.triton.next_power_of_2(ns)), PDL=False)
         try:
             run(0)
             us = graph_time(run, reps)
