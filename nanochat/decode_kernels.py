@@ -188,19 +188,18 @@ if triton is not None:
         p = tl.exp(sc - m)
         l = tl.sum(p, 0)
         acc = tl.sum(p[:, None] * vt0.to(tl.float32), 0)
-        for t0 in range(start + BLOCK_T, end, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            tm = t < end
-            off = t[:, None] * row + g * D + d[None, :]
-            kt = tl.load(kc_ptr + off, mask=tm[:, None], other=0.0).to(tl.float32)
-            sc = tl.sum(kt * q[None, :], 1) * scale
-            sc = tl.where(tm, sc, -float("inf"))
-            m_new = tl.maximum(m, tl.max(sc, 0))
-            p = tl.exp(sc - m_new)
+        for t0 in range(start + BLOCK_T, end, BLOCK_T):   # (loop-local names: no loop-carried int types)
+            ti = t0 + tl.arange(0, BLOCK_T)
+            ti_m = ti < end
+            ti_off = ti[:, None] * row + g * D + d[None, :]
+            kt = tl.load(kc_ptr + ti_off, mask=ti_m[:, None], other=0.0).to(tl.float32)
+            sci = tl.where(ti_m, tl.sum(kt * q[None, :], 1) * scale, -float("inf"))
+            m_new = tl.maximum(m, tl.max(sci, 0))
+            pi = tl.exp(sci - m_new)
             alpha = tl.exp(m - m_new)
-            vt = tl.load(vc_ptr + off, mask=tm[:, None], other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None] * vt, 0)
-            l = l * alpha + tl.sum(p, 0)
+            vt = tl.load(vc_ptr + ti_off, mask=ti_m[:, None], other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(pi[:, None] * vt, 0)
+            l = l * alpha + tl.sum(pi, 0)
             m = m_new
         if s == 0:
             sn = tl.sum(k * q, 0) * scale
