@@ -125,3 +125,57 @@ def test_fused_refused_without_gpu_or_interpreter(monkeypatch):
     assert check_decode("static", torch.device("cpu")) == "static"
     with pytest.raises(ValueError, match="pick one"):
         DecodeStep(make_model(mc=False), Engine(make_model(mc=False)).new_cache(1, 8), compile=True, fused=True)
+
+
+COMPILE_CHECK = r'''
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from nanochat import decode_kernels as dk
+
+def comp(fn, sig, const, **opts):
+    sig = dict(sig, **{k: "constexpr" for k in const})
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32), options=opts)
+
+pdl = dict(launch_pdl=True)
+gs = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_ptr": "*bf16", "N": "i32", "K": "i32",
+      "eps": "fp32", "cap": "fp32"}
+n = 0
+D = 1280   # the tuned shapes are d20's: q/k/v, attention out, MLP in, MLP out, lm_head, with their epilogues
+roles = {(3 * D, D): "norm", (D, D): "res", (4 * D, D): "act", (D, 4 * D): "res", (32768, D): "cap"}
+for (N, K), (bn, bk, warps, stages) in dk.GEMV_TUNED.items():
+    role = roles[(N, K)]
+    ep = dict(NORM=role in ("norm", "act", "cap"), ACT=role == "act", RES=role == "res", CAP=role == "cap")
+    comp(dk._gemv_kernel, gs, dict(ep, EVEN=True, PDL=True, BLOCK_N=bn, BLOCK_K=bk), num_warps=warps,
+         num_stages=stages, **pdl)
+    if bn * triton.next_power_of_2(K) <= 8192:
+        comp(dk._gemv1_kernel, gs, dict(ep, PDL=True, BLOCK_N=bn, KP=triton.next_power_of_2(K)), num_warps=warps, **pdl)
+    n += 1
+asig = {"qkv_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16",
+        "slot_ptr": "*i64", "acc_ptr": "*fp32", "ml_ptr": "*fp32", "H": "i32", "HKV": "i32", "CHUNK": "i32",
+        "NS": "i32", "eps": "fp32", "scale": "fp32"}
+for t in dk.ATTN_TUNED.values():
+    for p in (True, False):
+        comp(dk._attn_split_kernel, asig, dict(D=128, BLOCK_T=t["block_t"], PDL=p), num_warps=t["warps"], **(pdl if p else {}))
+comp(dk._attn_combine_kernel, {"acc_ptr": "*fp32", "ml_ptr": "*fp32", "y_ptr": "*bf16", "NS": "i32"},
+     dict(D=128, BLOCK_S=16, PDL=True), **pdl)
+comp(dk._rms_kernel, {"x_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "eps": "fp32"}, dict(BLOCK=2048, PDL=True), **pdl)
+print("compiled", n)
+'''
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper():
+    """The interpreter runs the kernels' Python, not Triton's compiler, which is stricter (it refused
+    an int32/int64 loop-carried offset that the interpreter ran): every kernel, at the launch configs
+    the fused step uses on a GPU (GEMV_TUNED, ATTN_TUNED, PDL on and off), must compile for sm90,
+    here on CPU (Triton ships ptxas)."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    r = subprocess.run([sys.executable, "-c", COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "compiled 5" in r.stdout
