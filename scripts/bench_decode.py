@@ -325,13 +325,13 @@ def step_breakdown(args, device, n=64):
     ids = torch.from_numpy(np.random.default_rng(0).integers(0, args.vocab, size=args.W - 1, dtype=np.int64))
     out = {"bench": "decode_step_breakdown", "n_layer": args.depth, "n_embd": model.config.n_embd,
            "cached_entries": args.W - 1, "variants": {}}
-    first, pdl_env = {}, os.environ.get("NANOCHAT_FUSED_PDL", "1")
+    first, pdl_env = {}, os.environ.get("NANOCHAT_FUSED_PDL", "0")
     for name, compile_, fused in (("static", False, False), ("compiled", True, False), ("fused", False, True),
-                                  ("fused_nopdl", False, True)):
+                                  ("fused_pdl", False, True)):
         if (compile_ or fused) and device.type != "cuda":
             continue
-        # fused_nopdl: the same kernels launched without programmatic dependent launch (A/B)
-        os.environ["NANOCHAT_FUSED_PDL"] = "0" if name == "fused_nopdl" else pdl_env
+        # fused_pdl: the same kernels launched with programmatic dependent launch (A/B; opt-in)
+        os.environ["NANOCHAT_FUSED_PDL"] = "1" if name == "fused_pdl" else pdl_env
         try:
             cache = engine.new_cache(1, args.W)
             logits = engine.prefill(ids[None].to(device), cache)

@@ -15,7 +15,7 @@ triton = pytest.importorskip("triton")
 
 from nanochat.gpt import GPT, GPTConfig                      # noqa: E402
 from nanochat.engine import Engine, MemorySession, DecodeStep, check_decode  # noqa: E402
-from nanochat.decode_kernels import FusedDecode, fused_unavailable  # noqa: E402
+from nanochat.decode_kernels import FusedDecode, fused_unavailable, pdl_supported  # noqa: E402
 from test_engine import make_model, check, ATOL, K, W, V  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -123,6 +123,8 @@ def test_fused_refused_without_gpu_or_interpreter(monkeypatch):
     with pytest.raises(ValueError, match="fused"):
         MemorySession(make_model(), W=W, decode="fused")
     assert check_decode("static", torch.device("cpu")) == "static"
+    monkeypatch.setenv("NANOCHAT_FUSED_PDL", "1")
+    assert not pdl_supported("cpu")        # programmatic dependent launch is a CUDA (sm90+) launch option
     with pytest.raises(ValueError, match="pick one"):
         DecodeStep(make_model(mc=False), Engine(make_model(mc=False)).new_cache(1, 8), compile=True, fused=True)
 
