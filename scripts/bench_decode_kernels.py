@@ -133,7 +133,7 @@ def main():
     ap.add_argument("--depth", type=int, default=20)
     ap.add_argument("--width", type=int, default=0, help="n_embd (default depth * 64)")
     ap.add_argument("--vocab", type=int, default=32768)
-    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--head-dim", type=int, default=64, help="bench_decode's models: n_head = width // 64")
     ap.add_argument("--cache-lens", default="4096,131072")
     ap.add_argument("--reps", type=int, default=40, help="launches per timed graph")
     ap.add_argument("--skip-gemv", action="store_true")

@@ -181,3 +181,17 @@ def test_bench_train_megacontext_under_torchrun():
                    timeout=240)
     assert out["world_size"] == 2 and abs(out["tok_per_s"] - 2 * out["tok_per_s_per_gpu"]) <= 2
     assert out["mc"]["tok_per_s"] > 0 and out["mc_over_plain_tok_per_s"] > 0
+
+
+def test_bench_materialize_cpu_smoke():
+    out = run_json("scripts.bench_materialize", "--depth", "1", "--vocab", "256", "--W", "64", "--K", "8",
+                   "--histories", "512", "--reps", "2", "--device", "cpu", timeout=240)
+    rows = out["histories"]["512"]
+    assert len(rows) == 2 and all(r["entries"] <= 64 and r["runs"] >= 1 and r["materialize_ms"] > 0 for r in rows)
+
+
+def test_bench_decode_kernels_refuses_without_a_gpu():
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "scripts.bench_decode_kernels"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "CUDA" in r.stderr and len(r.stderr.strip().splitlines()) == 1

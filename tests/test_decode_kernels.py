@@ -158,7 +158,8 @@ asig = {"qkv_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16", "cos_ptr": "*b
         "NS": "i32", "eps": "fp32", "scale": "fp32"}
 for t in dk.ATTN_TUNED.values():
     for p in (True, False):
-        comp(dk._attn_split_kernel, asig, dict(D=128, BLOCK_T=t["block_t"], PDL=p), num_warps=t["warps"], **(pdl if p else {}))
+        for hd in (64, 128):
+            comp(dk._attn_split_kernel, asig, dict(D=hd, BLOCK_T=t["block_t"], PDL=p), num_warps=t["warps"], **(pdl if p else {}))
 comp(dk._attn_combine_kernel, {"acc_ptr": "*fp32", "ml_ptr": "*fp32", "y_ptr": "*bf16", "NS": "i32"},
      dict(D=128, BLOCK_S=16, PDL=True), **pdl)
 comp(dk._rms_kernel, {"x_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "eps": "fp32"}, dict(BLOCK=2048, PDL=True), **pdl)
