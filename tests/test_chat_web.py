@@ -484,3 +484,14 @@ def test_compiled_decode_serves_one_gpu_only(tmp_path):
                         "--num-gpus", "2", "--decode", "compiled"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: --decode compiled serves one GPU"), r.stderr
+
+
+@pytest.mark.parametrize("script", ["scripts.chat_web", "scripts.chat_cli"])
+def test_fused_decode_is_refused_without_a_gpu(tmp_path, script):
+    """--decode fused (Triton) on a CPU without Triton's interpreter: one line, before any loading."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=ROOT, NANOCHAT_BASE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", script, "--ckpt-dir", str(tmp_path / "none"), "--device", "cpu",
+                        "--decode", "fused"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: decode='fused'"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
