@@ -56,6 +56,24 @@ if triton is not None:
         tl.store(out_ptr + r, x * rstd, mask=r < N)
 
     @triton.jit
+    def _gemv_epilogue(y, act_ty, out_ptr, res_ptr, rn, nmask, cap,
+                       ACT: tl.constexpr, RES: tl.constexpr, CAP: tl.constexpr):
+        """The GEMV's row sums y (fp32) -> out: rounded to the activation dtype (the linear's output),
+        then relu^2 (ACT), + res (RES) or cap * tanh(. / cap) in fp32 (CAP)."""
+        y = y.to(act_ty).to(tl.float32)
+        if ACT:
+            y = tl.maximum(y, 0.0).to(act_ty).to(tl.float32)
+            y = y * y
+        if RES:
+            y = y + tl.load(res_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        if CAP:
+            z = y / cap
+            t = tl.exp(-2.0 * tl.abs(z))
+            th = (1.0 - t) / (1.0 + t)
+            y = cap * tl.where(z < 0, -th, th)
+        tl.store(out_ptr + rn, y, mask=nmask)
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, N, K, eps, cap,
                      NORM: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr, CAP: tl.constexpr,
                      EVEN: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -89,18 +107,7 @@ if triton is not None:
         y = tl.sum(acc, 1)
         if NORM:
             y = y / tl.sqrt(tl.sum(ss, 0) / K + eps)
-        y = y.to(act_ty).to(tl.float32)                      # the linear's output, rounded
-        if ACT:
-            y = tl.maximum(y, 0.0).to(act_ty).to(tl.float32)
-            y = y * y
-        if RES:
-            y = y + tl.load(res_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-        if CAP:
-            z = y / cap
-            t = tl.exp(-2.0 * tl.abs(z))
-            th = (1.0 - t) / (1.0 + t)
-            y = cap * tl.where(z < 0, -th, th)
-        tl.store(out_ptr + rn, y, mask=nmask)
+        _gemv_epilogue(y, act_ty, out_ptr, res_ptr, rn, nmask, cap, ACT, RES, CAP)
 
     @triton.jit
     def _gemv1_kernel(x_ptr, w_ptr, out_ptr, res_ptr, N, K, eps, cap,
@@ -122,18 +129,7 @@ if triton is not None:
         y = tl.sum(w.to(tl.float32) * xv[None, :], 1)
         if NORM:
             y = y / tl.sqrt(tl.sum(xv * xv, 0) / K + eps)
-        y = y.to(act_ty).to(tl.float32)
-        if ACT:
-            y = tl.maximum(y, 0.0).to(act_ty).to(tl.float32)
-            y = y * y
-        if RES:
-            y = y + tl.load(res_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-        if CAP:
-            z = y / cap
-            t = tl.exp(-2.0 * tl.abs(z))
-            th = (1.0 - t) / (1.0 + t)
-            y = cap * tl.where(z < 0, -th, th)
-        tl.store(out_ptr + rn, y, mask=nmask)
+        _gemv_epilogue(y, act_ty, out_ptr, res_ptr, rn, nmask, cap, ACT, RES, CAP)
 
     @triton.jit
     def _attn_split_kernel(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, slot_ptr, acc_ptr, ml_ptr,

@@ -338,16 +338,7 @@ class MemorySession:
             self._lv[a], self._ix[a] = 0, ix_[0]
             self._known = E
             return
-        tok = np.zeros(n, np.int64)
-        rows, parts = [], []   # only the gist rows cross to the device (a window is mostly LOD0)
-        cut = np.flatnonzero((np.diff(lv_) != 0) | (np.diff(ix_) != 1)) + 1
-        for s, e in zip(np.r_[0, cut].tolist(), np.r_[cut, n].tolist()):
-            l, i0 = int(lv_[s]), int(ix_[s])
-            if l == 0:
-                tok[s:e] = self.tree.tokens(i0, i0 + e - s)
-            else:
-                rows.append(np.arange(s, e))
-                parts.append(self.tree.gists(l, i0, i0 + e - s))
+        tok, rows, parts = self._tree_rows(lv_, ix_)
         dev = self.device
         gists = torch.zeros(n, self.config.n_embd, device=dev)
         if parts:
@@ -357,6 +348,22 @@ class MemorySession:
         self.emb[a:E] = emb[0].to(self.emb.dtype)
         self._lv[a:E], self._ix[a:E] = lv_, ix_
         self._known = E
+
+    def _tree_rows(self, lv, ix):
+        """The tree's data for entries (lv, ix): token ids (0 at gist entries) and, for the gist
+        entries, their row numbers and gists (only those cross to the device: a window is mostly
+        LOD0). Runs of one level with consecutive indices are one contiguous tree read each."""
+        n = len(lv)
+        tok, rows, parts = np.zeros(n, np.int64), [], []
+        cut = np.flatnonzero((np.diff(lv) != 0) | (np.diff(ix) != 1)) + 1
+        for s, e in zip(np.r_[0, cut].tolist(), np.r_[cut, n].tolist()):
+            lvl, i0 = int(lv[s]), int(ix[s])
+            if lvl == 0:
+                tok[s:e] = self.tree.tokens(i0, i0 + e - s)
+            else:
+                rows.append(np.arange(s, e))
+                parts.append(self.tree.gists(lvl, i0, i0 + e - s))
+        return tok, rows, parts
 
     def _positions(self, j, E, wc=None):
         if self.mc and self.config.pos_scheme == "gaussian":

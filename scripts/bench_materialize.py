@@ -33,20 +33,8 @@ def timed(device, fn):
 def probe(model, s, device):
     lv, ix = s._sync()
     n = len(lv)
-    cut = np.flatnonzero((np.diff(lv) != 0) | (np.diff(ix) != 1)) + 1
-
-    def reads():
-        tok, rows, parts = np.zeros(n, np.int64), [], []
-        for a, e in zip(np.r_[0, cut].tolist(), np.r_[cut, n].tolist()):
-            lvl, i0 = int(lv[a]), int(ix[a])
-            if lvl == 0:
-                tok[a:e] = s.tree.tokens(i0, i0 + e - a)
-            else:
-                rows.append(np.arange(a, e))
-                parts.append(s.tree.gists(lvl, i0, i0 + e - a))
-        return tok, rows, parts
-
-    (tok, rows, parts), t_reads = timed(device, reads)
+    runs = int(((np.diff(lv) != 0) | (np.diff(ix) != 1)).sum()) + 1
+    (tok, rows, parts), t_reads = timed(device, lambda: s._tree_rows(lv, ix))
 
     def gist_rows():
         g = torch.zeros(n, model.config.n_embd, device=device)
@@ -61,7 +49,7 @@ def probe(model, s, device):
     s._known = 0
     _, t_mat = timed(device, lambda: s._materialize(lv, ix, n))
     _, t_ref = timed(device, s.refocus)
-    return dict(entries=n, runs=len(cut) + 1, reads_ms=t_reads, gist_rows_ms=t_rows, entry_embeddings_ms=t_emb,
+    return dict(entries=n, runs=runs, reads_ms=t_reads, gist_rows_ms=t_rows, entry_embeddings_ms=t_emb,
                 copy_ms=t_copy, materialize_ms=t_mat, refocus_ms=t_ref)
 
 
