@@ -3,7 +3,8 @@ A fused decode step in Triton (decode="fused"): one token through the GPT over i
 kernels per layer, where the compiled step runs ~17 (bench_decode --step-breakdown).
 
 Per layer, for the one new entry x (the residual stream, in the weights' dtype):
-  1. gemv: qkv = rms_norm(x) @ Wqkv^T          (the norm is the GEMV's prologue)
+  1. gemv: qkv = rms_norm(x) @ Wqkv^T          (the norm folded in: its sum of squares comes
+                                               from the GEMV's own loads of x)
   2. attn_split: QK norm + rotary of the new q, k; k, v written to the cache slot; flash-decoding
      over the cached keys, split into NS chunks per head (the whole GPU reads the cache)
   3. attn_combine: the NS partial softmaxes per head -> y
@@ -14,7 +15,8 @@ then rms_norm + lm_head + softcap as one more GEMV. Every kernel has a fixed gri
 so DecodeStep captures the step as one CUDA graph; the slot is read on the device.
 
 Numerics follow GPT.forward's rounding points (each op's output rounded to the activation dtype,
-fp32 inside a kernel); attention accumulates in fp32 where the eager path rounds its scores to bf16,
+fp32 inside a kernel), except that norm(x) is not rounded before its GEMV; attention accumulates
+in fp32 where the eager path rounds its scores to bf16,
 so fused logits match the static step to bf16 rounding, and exactly (to fp32 rounding) on fp32
 weights (tests/test_decode_kernels.py, on CPU through TRITON_INTERPRET=1).
 
