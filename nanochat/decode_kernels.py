@@ -35,12 +35,18 @@ except Exception:  # no triton: decode="fused" says so (fused_unavailable)
     triton = tl = None
 
 
-def fused_unavailable(device):
-    """None if decode="fused" can run on `device`, else why not (one line)."""
+def fused_unavailable(device=None, model=None):
+    """None if decode="fused" can run on `device` for `model` (either may be None: not checked),
+    else why not (one line)."""
     if triton is None:
         return "decode='fused' needs triton (pip install triton; CUDA builds of torch ship it)"
-    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device is not None and torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return "decode='fused' runs on CUDA (on CPU only under TRITON_INTERPRET=1, for tests)"
+    if model is not None:
+        c = model.config
+        head_dim = c.n_embd // c.n_head
+        if head_dim & (head_dim - 1):
+            return f"decode='fused' needs a power-of-two head dim, this model's is {head_dim}"
     return None
 
 
@@ -344,9 +350,9 @@ class FusedDecode:
 
     def __init__(self, model, cache, pdl=None):
         """pdl: programmatic dependent launch (None: where pdl_supported says it runs)."""
-        why = fused_unavailable(cache.k.device)
+        why = fused_unavailable(cache.k.device, model)
         if why:
-            raise RuntimeError(why)
+            raise ValueError(why)
         if cache.k.size(1) != 1:
             raise ValueError(f"decode='fused' decodes one sequence (batch 1), the cache has {cache.k.size(1)}")
         cfg = model.config
@@ -354,8 +360,6 @@ class FusedDecode:
         blocks = list(model.transformer.h)
         a0 = blocks[0].attn
         self.H, self.HKV, self.Dh = a0.n_head, a0.n_kv_head, a0.head_dim
-        if self.Dh & (self.Dh - 1):
-            raise ValueError(f"decode='fused' needs a power-of-two head dim, got {self.Dh}")
         self.D, self.V = cfg.n_embd, cfg.vocab_size
         w = model.lm_head.weight
         self.dtype, dev = w.dtype, w.device

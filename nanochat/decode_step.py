@@ -57,13 +57,14 @@ def qkv_modules(model):
 DECODE_MODES = ("static", "compiled", "fused", "dynamic")
 
 
-def check_decode(decode, device=None):
-    """decode, if it is a mode that can run on `device` (None: do not check the device)."""
+def check_decode(decode, device=None, model=None):
+    """decode, if it is a mode that can run on `device` (None: do not check the device) for
+    `model` (None: do not check the model), else a ValueError that says why, in one line."""
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
-    if decode == "fused" and device is not None:
+    if decode == "fused" and (device is not None or model is not None):
         from nanochat.decode_kernels import fused_unavailable
-        why = fused_unavailable(device)
+        why = fused_unavailable(device, model)
         if why:
             raise ValueError(why)
     return decode

@@ -70,7 +70,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         # as MemorySession: bf16 autocast on CUDA by default (the KV cache is bf16 there)
         self.autocast = autocast if autocast is not None else autocast_ctx(next(model.parameters()).device.type)
-        self.decode = check_decode(decode, next(model.parameters()).device)
+        self.decode = check_decode(decode, next(model.parameters()).device, model)
 
     def _fwd(self, *args, fn=None, **kw):
         """The model (or fn, e.g. its logits head) under the engine's autocast."""
@@ -262,7 +262,7 @@ class MemorySession:
         return self
 
     def _setup(self, model, model_id, autocast, path, decode, focus):
-        self.decode = check_decode(decode, next(model.parameters()).device)
+        self.decode = check_decode(decode, next(model.parameters()).device, model)
         if focus not in FOCUS_POLICIES:
             fail(f"focus must be one of {', '.join(FOCUS_POLICIES)}, got {focus!r}")
         self.focus_by = focus

@@ -94,6 +94,10 @@ def main():
     model = build_model(load_checkpoint(ckpt_dir, args.step, device="cpu"), device, tok,
                         dtype=inference_dtype(args.dtype, device_type))
     model.eval()
+    try:   # a model the mode cannot run (decode fused: its head dim), in one line
+        check_decode(args.decode, device, model)
+    except ValueError as e:
+        fail(str(e))
     autocast = autocast_ctx(device_type)
 
     if args.memory and os.path.exists(os.path.join(args.memory, STATE_FILE)):

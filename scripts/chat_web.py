@@ -700,6 +700,10 @@ def main():
     ckpt = load_checkpoint(ckpt_dir, step=step, device="cpu")
     models = [build_model(ckpt, d, tokenizer, dtype=inference_dtype(args.dtype, device_type)) for d in devices]
     del ckpt
+    try:   # a model the mode cannot run (decode fused: its head dim) is refused here, not at the first reply
+        engine.check_decode(args.decode, devices[0], models[0])
+    except ValueError as e:
+        fail(str(e))
     session_kw = {"focus": args.focus, "decode": args.decode, **({"W": args.W} if args.W else {})}
     app = create_app(models, tokenizer, data_dir, limits, model_name=name, session_kw=session_kw)
     print(f"chat_web: model {name} step {step} on {', '.join(map(str, devices))}; conversations in {data_dir}; "

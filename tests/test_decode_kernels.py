@@ -114,6 +114,15 @@ def test_fused_engine_batch_decodes_static(monkeypatch):
         FusedDecode(model, cache)
 
 
+def test_fused_refuses_a_model_it_cannot_run():
+    """A head dim that is not a power of two (the kernels load whole heads): refused when the
+    session or engine is made, not at its first decode step."""
+    m = GPT(GPTConfig(sequence_len=64, vocab_size=V, n_layer=1, n_head=2, n_kv_head=2, n_embd=96))
+    with pytest.raises(ValueError, match="power-of-two head dim, this model's is 48"):
+        Engine(m, decode="fused")
+    assert Engine(m, decode="static").decode == "static"
+
+
 def test_fused_refused_without_gpu_or_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     why = fused_unavailable("cpu")
