@@ -40,6 +40,7 @@ step decode_kernels 300 "$PY" -m scripts.bench_decode_kernels --depth 20
 step decode_step_breakdown 240 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --step-breakdown
 step decode_fused 360 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,131072,1048576 --steps 512 --focus union --phases --decode fused
 step decode_compiled_repeat 200 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 131072 --max-full 0 --steps 512 --focus union --decode compiled
+step materialize 150 "$PY" -m scripts.bench_materialize --depth 20 --W 4096 --histories 131072,1048576
 step decode_fused_profile 200 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 131072 --max-full 0 --steps 96 --focus union --decode fused --profile
 # full attention at 1M: a 100 GiB KV cache, which an H200 (141 GB) holds and an H100 does not
 step decode_full_1m 450 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 1048576 --max-full 1048576 --steps 32 --focus union
