@@ -331,11 +331,30 @@ ATTN_TUNED = {4096: dict(block_t=128, programs_per_sm=8, warps=4), 131072: dict(
 
 
 def load_tuning(path):
-    """Take the launch configs a `python -m scripts.bench_decode_kernels` run found (its JSON)."""
-    with open(path) as f:
-        t = json.load(f)
-    GEMV_TUNED.update({tuple(int(v) for v in k.split(",")): tuple(c) for k, c in t.get("gemv_tuned", {}).items()})
-    ATTN_TUNED.update({int(k): dict(v) for k, v in t.get("attn_tuned", {}).items()})
+    """Take the launch configs a `python -m scripts.bench_decode_kernels` run found (its JSON).
+    A file that is not one is refused whole (ValueError naming it): nothing is half-loaded."""
+    def pow2(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0 and not v & (v - 1)
+    try:
+        with open(path) as f:
+            t = json.load(f)
+        gemv = {}
+        for k, c in t.get("gemv_tuned", {}).items():
+            n, kk = (int(v) for v in k.split(","))
+            c = tuple(c)
+            if len(c) != 4 or not all(pow2(v) for v in c[:3]) or not (isinstance(c[3], int) and c[3] >= 1) or n < 1 or kk < 1:
+                raise ValueError(f"gemv_tuned[{k!r}] = {list(c)}: want [BLOCK_N, BLOCK_K, num_warps, num_stages]")
+            gemv[(n, kk)] = c
+        attn = {}
+        for k, v in t.get("attn_tuned", {}).items():
+            v = {f: v[f] for f in ("block_t", "programs_per_sm", "warps")}
+            if not all(isinstance(x, int) and x > 0 for x in v.values()) or not pow2(v["block_t"]) or int(k) < 1:
+                raise ValueError(f"attn_tuned[{k!r}] = {v}: want positive ints, block_t a power of two")
+            attn[int(k)] = v
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{path}: not a bench_decode_kernels tuning file ({type(e).__name__}: {e})") from None
+    GEMV_TUNED.update(gemv)
+    ATTN_TUNED.update(attn)
 
 
 if triton is not None and os.environ.get("NANOCHAT_DECODE_TUNING"):

@@ -123,6 +123,33 @@ def test_fused_refuses_a_model_it_cannot_run():
     assert Engine(m, decode="static").decode == "static"
 
 
+def test_load_tuning_takes_a_sweep_file_and_refuses_a_bad_one(tmp_path, monkeypatch):
+    """NANOCHAT_DECODE_TUNING=<bench_decode_kernels JSON>: its configs replace the tables' entries;
+    a malformed file changes nothing and names itself."""
+    import json
+    from nanochat import decode_kernels as dk
+    monkeypatch.setattr(dk, "GEMV_TUNED", dict(dk.GEMV_TUNED))
+    monkeypatch.setattr(dk, "ATTN_TUNED", dict(dk.ATTN_TUNED))
+    good = tmp_path / "t.json"
+    good.write_text(json.dumps({"gemv_tuned": {"96,64": [4, 64, 4, 2]},
+                                "attn_tuned": {"4096": {"block_t": 32, "programs_per_sm": 2, "warps": 4}}}))
+    dk.load_tuning(str(good))
+    assert dk.GEMV_TUNED[(96, 64)] == (4, 64, 4, 2) and dk.gemv_config(96, 64, sms=132) == (4, 64, 4, 2)
+    assert dk.gemv_config(96, 64, sms=1) != (4, 64, 4, 2)        # the interpreter keeps its own
+    assert dk.attn_config(4096, 8, 132)[2:] == (32, 4)
+    before = (dict(dk.GEMV_TUNED), dict(dk.ATTN_TUNED))
+    for bad in ("{not json", json.dumps({"gemv_tuned": {"96,64": [3, 64, 4, 2]}}),
+                json.dumps({"gemv_tuned": {"96,64": [4, 64, 4, 2]}, "attn_tuned": {"4096": {"block_t": 32}}}),
+                json.dumps({"gemv_tuned": {"96": [4, 64, 4, 2]}})):
+        p = tmp_path / "bad.json"
+        p.write_text(bad)
+        with pytest.raises(ValueError, match="not a bench_decode_kernels tuning file"):
+            dk.load_tuning(str(p))
+        assert (dk.GEMV_TUNED, dk.ATTN_TUNED) == before
+    with pytest.raises(ValueError, match="missing.json"):
+        dk.load_tuning(str(tmp_path / "missing.json"))
+
+
 def test_fused_refused_without_gpu_or_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     why = fused_unavailable("cpu")
