@@ -28,6 +28,8 @@ import math
 
 import torch
 
+from nanochat.gpt import rotary_cos_sin, rotary_tables
+
 try:
     import triton
     import triton.language as tl
@@ -140,6 +142,27 @@ if triton is not None:
         _gemv_epilogue(y, act_ty, out_ptr, res_ptr, rn, nmask, cap, ACT, RES, CAP)
 
     @triton.jit
+    def _norm_rotary(ptr, d, dr, cos, sin, eps, act_ty, D: tl.constexpr):
+        """One head at ptr (D values): rms_norm, then rotary with full-width tables, each rounded to
+        the activation dtype as the eager path rounds them. dr: the torch.roll(x, D/2) indices."""
+        x = tl.load(ptr + d).to(tl.float32)
+        xr = tl.load(ptr + dr).to(tl.float32)
+        r = 1.0 / tl.sqrt(tl.sum(x * x, 0) / D + eps)
+        x = (x * r).to(act_ty).to(tl.float32)
+        xr = (xr * r).to(act_ty).to(tl.float32)
+        return (x * cos + xr * sin).to(act_ty).to(tl.float32)
+
+    @triton.jit
+    def _softmax_tile(m, l, acc, q, kt, vt, valid, scale):
+        """Online softmax: the running (max m, sum l, acc) after the tile of keys kt and values vt
+        (BLOCK_T, D), whose invalid rows score -inf."""
+        sc = tl.where(valid, tl.sum(kt.to(tl.float32) * q[None, :], 1) * scale, -float("inf"))
+        m_new = tl.maximum(m, tl.max(sc, 0))
+        p = tl.exp(sc - m_new)
+        alpha = tl.exp(m - m_new)
+        return m_new, l * alpha + tl.sum(p, 0), acc * alpha + tl.sum(p[:, None] * vt.to(tl.float32), 0)
+
+    @triton.jit
     def _attn_split_kernel(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, slot_ptr, acc_ptr, ml_ptr,
                            H, HKV, CHUNK, NS, eps, scale,
                            D: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
@@ -169,42 +192,24 @@ if triton is not None:
         cos = tl.load(cos_ptr + d).to(tl.float32)             # full-width tables (gpt.rotary_tables)
         sin = tl.load(sin_ptr + d).to(tl.float32)
         # the new q and k: QK norm (rounded), rotary (rounded), as CausalSelfAttention's KV-cached path
-        q = tl.load(qkv_ptr + h * D + d).to(tl.float32)
-        qr = tl.load(qkv_ptr + h * D + dr).to(tl.float32)
-        rq = 1.0 / tl.sqrt(tl.sum(q * q, 0) / D + eps)
-        q = (q * rq).to(act_ty).to(tl.float32)
-        qr = (qr * rq).to(act_ty).to(tl.float32)
-        q = (q * cos + qr * sin).to(act_ty).to(tl.float32)
-        koff = (H + g) * D
-        k = tl.load(qkv_ptr + koff + d).to(tl.float32)
-        kr = tl.load(qkv_ptr + koff + dr).to(tl.float32)
-        rk = 1.0 / tl.sqrt(tl.sum(k * k, 0) / D + eps)
-        k = (k * rk).to(act_ty).to(tl.float32)
-        kr = (kr * rk).to(act_ty).to(tl.float32)
-        k = (k * cos + kr * sin).to(act_ty).to(tl.float32)
+        q = _norm_rotary(qkv_ptr + h * D, d, dr, cos, sin, eps, act_ty, D)
+        k = _norm_rotary(qkv_ptr + (H + g) * D, d, dr, cos, sin, eps, act_ty, D)
         v = tl.load(qkv_ptr + (H + HKV + g) * D + d).to(tl.float32)
         if (s == 0) & (h % G == 0):
             tl.store(kc_ptr + slot * row + g * D + d, k)
             tl.store(vc_ptr + slot * row + g * D + d, v)
         # online softmax over the chunk: the prefetched tile, then the rest
-        sc = tl.where(tm, tl.sum(kt0.to(tl.float32) * q[None, :], 1) * scale, -float("inf"))
-        m = tl.maximum(tl.max(sc, 0), -1.0e30)
-        p = tl.exp(sc - m)
-        l = tl.sum(p, 0)
-        acc = tl.sum(p[:, None] * vt0.to(tl.float32), 0)
+        m = tl.full([], -1.0e30, tl.float32)
+        l = tl.full([], 0.0, tl.float32)
+        acc = tl.zeros([D], dtype=tl.float32)
+        m, l, acc = _softmax_tile(m, l, acc, q, kt0, vt0, tm, scale)
         for t0 in range(start + BLOCK_T, end, BLOCK_T):   # (loop-local names: no loop-carried int types)
             ti = t0 + tl.arange(0, BLOCK_T)
             ti_m = ti < end
             ti_off = ti[:, None] * row + g * D + d[None, :]
-            kt = tl.load(kc_ptr + ti_off, mask=ti_m[:, None], other=0.0).to(tl.float32)
-            sci = tl.where(ti_m, tl.sum(kt * q[None, :], 1) * scale, -float("inf"))
-            m_new = tl.maximum(m, tl.max(sci, 0))
-            pi = tl.exp(sci - m_new)
-            alpha = tl.exp(m - m_new)
-            vt = tl.load(vc_ptr + ti_off, mask=ti_m[:, None], other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(pi[:, None] * vt, 0)
-            l = l * alpha + tl.sum(pi, 0)
-            m = m_new
+            kt = tl.load(kc_ptr + ti_off, mask=ti_m[:, None], other=0.0)
+            vt = tl.load(vc_ptr + ti_off, mask=ti_m[:, None], other=0.0)
+            m, l, acc = _softmax_tile(m, l, acc, q, kt, vt, ti_m, scale)
         if s == 0:
             sn = tl.sum(k * q, 0) * scale
             m_new = tl.maximum(m, sn)
@@ -266,19 +271,16 @@ GEMV_TUNED = {(3840, 1280): (4, 512, 4, 2), (1280, 1280): (2, 1024, 4, 2), (5120
               (1280, 5120): (1, 1024, 4, 2), (32768, 1280): (32, 256, 4, 2)}
 
 
-def gemv(x, w, out, eps=0.0, norm=False, act=False, res=None, cap=0.0, config=None, pdl=False, single=None):
+def gemv(x, w, out, eps=0.0, norm=False, act=False, res=None, cap=0.0, config=None, pdl=False):
     """out = f(x' @ w^T) (see _gemv_kernel) for x (K,), w (N, K) contiguous, out (N,). pdl: launch
     with programmatic dependent launch (see pdl_supported); a row block that fits one load then
-    runs as _gemv1_kernel, which reads its weights before it waits for the kernel before it
-    (single=True/False forces the one-load kernel or the looped one, where the block fits)."""
+    runs as _gemv1_kernel, which reads its weights before it waits for the kernel before it."""
     N, K = w.shape
     bn, bk, warps, stages = config or gemv_config(N, K, _sms(w.device))
     args = (x, w, out, res if res is not None else out, N, K, eps, cap if cap else 1.0)
-    kw = dict(NORM=norm, ACT=act, RES=res is not None, CAP=bool(cap), PDL=pdl, num_warps=warps)
-    if pdl:
-        kw["launch_pdl"] = True
+    kw = dict(NORM=norm, ACT=act, RES=res is not None, CAP=bool(cap), num_warps=warps, **_pdl_launch(pdl))
     kp = triton.next_power_of_2(K)
-    if (pdl if single is None else single) and bn * kp <= 8192:
+    if pdl and bn * kp <= 8192:
         _gemv1_kernel[(triton.cdiv(N, bn),)](*args, BLOCK_N=bn, KP=kp, **kw)
     else:
         _gemv_kernel[(triton.cdiv(N, bn),)](*args, EVEN=(N % bn == 0 and K % bk == 0), BLOCK_N=bn, BLOCK_K=bk,
@@ -324,6 +326,23 @@ def attn_config(L, H, sms, block_t=None, programs_per_sm=None, warps=None):
         ns = max(1, min(128, triton.cdiv(programs_per_sm * sms, H)))
     chunk = triton.cdiv(triton.cdiv(L, ns), block_t) * block_t
     return chunk, triton.cdiv(L, chunk), block_t, warps
+
+
+def _pdl_launch(pdl):
+    """The kernels' PDL constexpr and, when on, Triton's launch option for it."""
+    return dict(PDL=pdl, **({"launch_pdl": True} if pdl else {}))
+
+
+def attend(qkv, kc, vc, cos, sin, slot, part_acc, part_ml, y, H, HKV, config, eps, pdl=False):
+    """One layer's decode attention: qkv ((H + 2 HKV) * D) the new entry's projections; kc, vc its
+    (1, L, HKV, D) cache (the new k, v are written at `slot`); config = attn_config(L, H, sms);
+    part_acc / part_ml the splits' scratch (H * NS * D, H * NS * 2 fp32); y (H * D) the output."""
+    chunk, ns, block_t, warps = config
+    D = kc.size(-1)
+    _attn_split_kernel[(ns, H)](qkv, kc, vc, cos, sin, slot, part_acc, part_ml, H, HKV, chunk, ns, eps, D ** -0.5,
+                                D=D, BLOCK_T=block_t, num_warps=warps, **_pdl_launch(pdl))
+    _attn_combine_kernel[(H,)](part_acc, part_ml, y, ns, D=D, BLOCK_S=min(16, triton.next_power_of_2(ns)),
+                               **_pdl_launch(pdl))
 
 
 # cache length -> {block_t, programs_per_sm, warps}: the same run's best at 4k and 128k slots
@@ -384,10 +403,8 @@ class FusedDecode:
         self.dtype, dev = w.dtype, w.device
         self.eps = torch.finfo(self.dtype).eps   # F.rms_norm's default eps (GPT's norm)
         self.cap = float(cfg.softcap or 0.0)
-        self.scale = self.Dh ** -0.5
         self.sms = _sms(dev)
         self.pdl = pdl_supported(dev) if pdl is None else bool(pdl)
-        self._launch = dict(PDL=self.pdl, **({"launch_pdl": True} if self.pdl else {}))
         self.chunk, self.ns, self.block_t, self.attn_warps = attn_config(cache.max_len, self.H, self.sms)
         e = lambda *s, dt=self.dtype: torch.empty(*s, device=dev, dtype=dt)  # noqa: E731
         self.x = e(self.D)
@@ -404,7 +421,6 @@ class FusedDecode:
 
     @torch.no_grad()
     def __call__(self, x, pos, sigma, slot):
-        from nanochat.gpt import rotary_cos_sin, rotary_tables
         model, c = self.model, self.cache
         emb = model.embed(x) if not x.is_floating_point() else x
         pos = slot[None] if pos is None else pos
@@ -412,16 +428,12 @@ class FusedDecode:
         cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
         D = self.D
         _rms_kernel[(1,)](emb.reshape(-1).to(self.dtype).contiguous(), self.x, D, self.eps,
-                          BLOCK=triton.next_power_of_2(D), **self._launch)
+                          BLOCK=triton.next_power_of_2(D), **_pdl_launch(self.pdl))
         for i, blk in enumerate(self.blocks):
             a = blk.attn
             self._gemv(self.x, a.qkv_weight(), self.qkv, norm=True)
-            _attn_split_kernel[(self.ns, self.H)](
-                self.qkv, c.k[i], c.v[i], cos, sin, slot, self.part_acc, self.part_ml,
-                self.H, self.HKV, self.chunk, self.ns, self.eps, self.scale,
-                D=self.Dh, BLOCK_T=self.block_t, num_warps=self.attn_warps, **self._launch)
-            _attn_combine_kernel[(self.H,)](self.part_acc, self.part_ml, self.y, self.ns,
-                                            D=self.Dh, BLOCK_S=min(16, triton.next_power_of_2(self.ns)), **self._launch)
+            attend(self.qkv, c.k[i], c.v[i], cos, sin, slot, self.part_acc, self.part_ml, self.y, self.H, self.HKV,
+                   (self.chunk, self.ns, self.block_t, self.attn_warps), self.eps, self.pdl)
             self._gemv(self.y, a.c_proj.weight, self.x, res=self.x)
             self._gemv(self.x, blk.mlp.c_fc.weight, self.u, norm=True, act=True)
             self._gemv(self.u, blk.mlp.c_proj.weight, self.x, res=self.x)

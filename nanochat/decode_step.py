@@ -82,13 +82,14 @@ class DecodeStep:
     a dynamic forward would); pos/sigma (1, 1) as GPT.forward (pos None = slot). Returns the
     (B, V) float32 logits (a copy: callers keep them across steps); cache.pos is then slot + 1."""
 
-    def __init__(self, model, cache, autocast=None, graph=None, compile=False, fused=False):
+    def __init__(self, model, cache, autocast=None, graph=None, compile=False, fused=False, pdl=None):
         """compile: torch.compile the step first (fused norms, rotary, MLP: fewer kernels per
         replay). The warmup runs before the capture compile it. fused: run the step as the Triton
-        kernels of decode_kernels.FusedDecode instead of the model's forward (batch 1)."""
+        kernels of decode_kernels.FusedDecode instead of the model's forward (batch 1); pdl: its
+        programmatic dependent launch (None: decode_kernels.pdl_supported)."""
         if compile and fused:
             raise ValueError("DecodeStep: compile and fused are two ways to run the step; pick one")
-        self.model, self.cache, self.fused = model, cache, fused
+        self.model, self.cache, self.fused, self.pdl = model, cache, fused, pdl
         self._fwd = torch.compile(self._forward, dynamic=False) if compile else self._forward
         self._fd = None
         # the q/k/v weights whose stacked copies (CausalSelfAttention.qkv_weight) a graph or a
@@ -157,7 +158,7 @@ class DecodeStep:
             self.slot = torch.zeros(1, dtype=torch.long, device=c.k.device)
             if self.fused:
                 from nanochat.decode_kernels import FusedDecode
-                self._fd = FusedDecode(self.model, c)
+                self._fd = FusedDecode(self.model, c, pdl=self.pdl)
         self.x.copy_(x)
         self.slot.fill_(slot)
         for buf, t in ((self.pos, pos), (self.sigma, sigma)):

@@ -340,9 +340,7 @@ class MemorySession:
             return
         tok, rows, parts = self._tree_rows(lv_, ix_)
         dev = self.device
-        gists = torch.zeros(n, self.config.n_embd, device=dev)
-        if parts:
-            gists[torch.from_numpy(np.concatenate(rows)).to(dev)] = torch.cat(parts).to(dev)
+        gists = self._gist_rows(n, rows, parts)
         emb = self.model.entry_embeddings(torch.from_numpy(lv_)[None].to(dev), torch.from_numpy(tok)[None].to(dev),
                                           gists[None])
         self.emb[a:E] = emb[0].to(self.emb.dtype)
@@ -364,6 +362,13 @@ class MemorySession:
                 rows.append(np.arange(s, e))
                 parts.append(self.tree.gists(lvl, i0, i0 + e - s))
         return tok, rows, parts
+
+    def _gist_rows(self, n, rows, parts):
+        """(n, D) fp32 on the device: _tree_rows' gists at their rows, zeros elsewhere."""
+        gists = torch.zeros(n, self.config.n_embd, device=self.device)
+        if parts:
+            gists[torch.from_numpy(np.concatenate(rows)).to(self.device)] = torch.cat(parts).to(self.device)
+        return gists
 
     def _positions(self, j, E, wc=None):
         if self.mc and self.config.pos_scheme == "gaussian":

@@ -325,18 +325,17 @@ def step_breakdown(args, device, n=64):
     ids = torch.from_numpy(np.random.default_rng(0).integers(0, args.vocab, size=args.W - 1, dtype=np.int64))
     out = {"bench": "decode_step_breakdown", "n_layer": args.depth, "n_embd": model.config.n_embd,
            "cached_entries": args.W - 1, "variants": {}}
-    first, pdl_env = {}, os.environ.get("NANOCHAT_FUSED_PDL", "0")
-    for name, compile_, fused in (("static", False, False), ("compiled", True, False), ("fused", False, True),
-                                  ("fused_pdl", False, True)):
+    first = {}
+    # fused_pdl: the same kernels launched with programmatic dependent launch (A/B; opt-in)
+    for name, compile_, fused, pdl in (("static", False, False, None), ("compiled", True, False, None),
+                                       ("fused", False, True, None), ("fused_pdl", False, True, True)):
         if (compile_ or fused) and device.type != "cuda":
             continue
-        # fused_pdl: the same kernels launched with programmatic dependent launch (A/B; opt-in)
-        os.environ["NANOCHAT_FUSED_PDL"] = "1" if name == "fused_pdl" else pdl_env
         try:
             cache = engine.new_cache(1, args.W)
             logits = engine.prefill(ids[None].to(device), cache)
             slot = cache.pos
-            step = DecodeStep(model, cache, engine.autocast, compile=compile_, fused=fused)
+            step = DecodeStep(model, cache, engine.autocast, compile=compile_, fused=fused, pdl=pdl)
             x = torch.zeros(1, 1, dtype=torch.long, device=device)
             first[name] = step(x, slot)                          # warm, compile, capture
             for _ in range(2):
@@ -366,7 +365,7 @@ def step_breakdown(args, device, n=64):
             row["loop_ms"] = round((time.perf_counter() - t0) / n * 1e3, 4)
             # the same entry again after all those replays and steps: a race between kernels would show here
             row["repeat_max_abs_diff"] = round((step(x, slot) - first[name]).abs().max().item(), 6)
-            eager = DecodeStep(model, cache, engine.autocast, graph=False, compile=compile_, fused=fused)
+            eager = DecodeStep(model, cache, engine.autocast, graph=False, compile=compile_, fused=fused, pdl=pdl)
             eager(x, slot)
             with profiler(device) as prof:
                 eager(x, slot)
@@ -382,12 +381,10 @@ def step_breakdown(args, device, n=64):
                            top_kernels=[{"kernel": k, "calls": c, "ms": round(t, 4)} for k, (c, t) in
                                         sorted(groups.items(), key=lambda kv: -kv[1][1])[:14]])
             out["variants"][name] = row
-            del step, eager
         except Exception as e:   # one variant failing (a compiler, a launch) leaves the others' figures
             out["variants"][name] = {"error": f"{type(e).__name__}: {e}"[:600]}
         cache = step = eager = None
         reset_mem(device)
-    os.environ["NANOCHAT_FUSED_PDL"] = pdl_env
     return out
 
 

@@ -105,14 +105,13 @@ def bench_attn(L, H, HKV, Dh, reps, dev, sms, dtype, layers=20):
     row["bmm_us"], row["bmm_gbps"] = round(us, 2), round(mb / us * 1e3, 1)
     runs = []
     for block_t, pps, warps in itertools.product((32, 64, 128), (2, 4, 8), (4, 8)):
-        chunk, ns, bt, w = dk.attn_config(L, H, sms, block_t=block_t, programs_per_sm=pps, warps=warps)
+        cfg = dk.attn_config(L, H, sms, block_t=block_t, programs_per_sm=pps, warps=warps)
+        ns = cfg[1]
         acc = torch.empty(H * ns * Dh, device=dev, dtype=torch.float32)
         ml = torch.empty(H * ns * 2, device=dev, dtype=torch.float32)
 
         def run(i):
-            dk._attn_split_kernel[(ns, H)](qkv, kc[i % layers], vc[i % layers], cos, sin, slot, acc, ml,
-                                           H, HKV, chunk, ns, 1e-6, Dh ** -0.5, D=Dh, BLOCK_T=bt, num_warps=w, PDL=False)
-            dk._attn_combine_kernel[(H,)](acc, ml, y, ns, D=Dh, BLOCK_S=min(16, dk.triton.next_power_of_2(ns)), PDL=False)
+            dk.attend(qkv, kc[i % layers][None], vc[i % layers][None], cos, sin, slot, acc, ml, y, H, HKV, cfg, 1e-6)
         try:
             run(0)
             us = graph_time(run, reps)

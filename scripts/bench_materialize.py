@@ -36,13 +36,7 @@ def probe(model, s, device):
     runs = int(((np.diff(lv) != 0) | (np.diff(ix) != 1)).sum()) + 1
     (tok, rows, parts), t_reads = timed(device, lambda: s._tree_rows(lv, ix))
 
-    def gist_rows():
-        g = torch.zeros(n, model.config.n_embd, device=device)
-        if parts:
-            g[torch.from_numpy(np.concatenate(rows)).to(device)] = torch.cat(parts).to(device)
-        return g
-
-    g, t_rows = timed(device, gist_rows)
+    g, t_rows = timed(device, lambda: s._gist_rows(n, rows, parts))
     emb, t_emb = timed(device, lambda: model.entry_embeddings(torch.from_numpy(lv)[None].to(device),
                                                              torch.from_numpy(tok)[None].to(device), g[None]))
     _, t_copy = timed(device, lambda: s.emb[:n].copy_(emb[0].to(s.emb.dtype)))
