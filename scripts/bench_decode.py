@@ -263,7 +263,48 @@ def top_ops(prof, device, n=15):
     top = lambda k: [row(e) for e in sorted(ev, key=lambda e: getattr(e, k, 0), reverse=True)[:n]]  # noqa: E731
     phases = [{"phase": e.key, "calls": e.count, "cpu_ms": round(e.cpu_time_total / 1e3, 2)}
               for e in ev if e.key.startswith(("mc.", "bench."))]
-    return {"by_device": top(key), "by_cpu": top("self_cpu_time_total"), "phases": phases}
+    out = {"by_device": top(key), "by_cpu": top("self_cpu_time_total"), "phases": phases}
+    if device.type == "cuda":
+        out["gpu_idle"] = gpu_idle(prof.events())
+    return out
+
+
+def gpu_idle(events, min_gap_us=1.0):
+    """Where the device waits in the timed loop (the last bench.generate range): the union of its
+    kernels and copies is busy time, the rest idle; each idle gap is charged to the innermost
+    engine phase (mc.*) the host was in when the gap began ("loop": none, the generator and the
+    bench). The profiler's own host overhead inflates idle time: compare runs, not absolutes."""
+    cpu = torch.autograd.DeviceType.CPU
+    gen = [e for e in events if e.name == "bench.generate" and e.device_type == cpu]
+    if not gen:
+        return None
+    a, b = gen[-1].time_range.start, gen[-1].time_range.end
+    busy = sorted((e.time_range.start, e.time_range.end) for e in events
+                  if e.device_type == torch.autograd.DeviceType.CUDA and a <= e.time_range.start < b)
+    ranges = [(e.time_range.start, e.time_range.end, e.name) for e in events
+              if e.device_type == cpu and e.name.startswith("mc.") and a <= e.time_range.start < b]
+    gaps, end, busy_us = [], a, 0.0
+    for s, e in busy:
+        if s - end >= min_gap_us:
+            gaps.append((end, s))
+        if e > end:
+            busy_us += e - max(s, end)
+            end = e
+    if b - end >= min_gap_us:
+        gaps.append((end, b))
+    by = {}
+    starts = np.array([r[0] for r in ranges], dtype=np.float64)
+    order = np.argsort(starts, kind="stable")
+    for g0, g1 in gaps:   # the innermost range containing g0: the latest-starting one that has not ended
+        name = "loop"
+        for i in order[:np.searchsorted(starts[order], g0, side="right")][::-1]:
+            if ranges[i][1] > g0:
+                name = ranges[i][2]
+                break
+        by[name] = by.get(name, 0.0) + (g1 - g0)
+    return {"wall_ms": round((b - a) / 1e3, 2), "busy_ms": round(busy_us / 1e3, 2),
+            "idle_ms": round(sum(g1 - g0 for g0, g1 in gaps) / 1e3, 2), "gaps": len(gaps),
+            "idle_ms_by_phase": {k: round(v / 1e3, 2) for k, v in sorted(by.items(), key=lambda kv: -kv[1])}}
 
 
 _VIEWS = {"aten::view", "aten::reshape", "aten::as_strided", "aten::slice", "aten::select", "aten::expand",

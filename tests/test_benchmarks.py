@@ -5,6 +5,8 @@ import sys
 import json
 import subprocess
 
+import torch
+
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,6 +157,23 @@ def test_bench_decode_profile_names_the_top_ops():
     # the engine's named phases: every generated token runs logits + append, the timed loop is one range
     assert phases["bench.generate"]["calls"] == 1 and phases["mc.append"]["calls"] >= 2
     assert phases["mc.logits"]["calls"] >= 2 and "mc.step" in phases and phases["mc.refocus"]["calls"] >= 1
+
+
+def test_bench_decode_gpu_idle_charges_each_gap_to_the_innermost_phase():
+    from types import SimpleNamespace as NS
+    from scripts.bench_decode import gpu_idle
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    ev = lambda name, dev, s, e: NS(name=name, device_type=dev, time_range=NS(start=s, end=e))  # noqa: E731
+    events = [ev("bench.generate", cpu, 0, 100), ev("mc.logits", cpu, 2, 45), ev("mc.step", cpu, 5, 40),
+              ev("mc.append", cpu, 45, 70),
+              ev("k1", cuda, 10, 20), ev("k2", cuda, 15, 30), ev("k3", cuda, 50, 60),
+              ev("k_outside", cuda, 150, 160), ev("mc.step", cpu, 120, 130)]   # outside the timed loop
+    r = gpu_idle(events)
+    # busy: [10, 30] + [50, 60]; gaps [0, 10] (no phase yet: loop), [30, 50] (in mc.step, which
+    # is inside mc.logits), [60, 100] (in mc.append)
+    assert r["busy_ms"] == 0.03 and r["idle_ms"] == 0.07 and r["gaps"] == 3 and r["wall_ms"] == 0.1
+    assert r["idle_ms_by_phase"] == {"mc.append": 0.04, "mc.step": 0.02, "loop": 0.01}
+    assert gpu_idle(events[1:]) is None   # no timed loop in the profile
 
 
 def test_bench_decode_counts_the_ops_of_one_step():
