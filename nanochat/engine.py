@@ -192,6 +192,7 @@ class MemorySession:
     chunk = 4096          # entries per forward when many are recomputed (bounds activations; a W=4096 window is one call)
     ingest_chunk = 16384  # tokens per tree append during ingest (one progress callback each)
     pipeline = True       # generate(): queue each step before the host appends the token (_queue_step)
+    window_mode = None    # torch.compile mode of the whole-window recompute (bench_materialize --window-modes)
 
     def __init__(self, model, W=None, path=None, model_id=None, autocast=None, n_diff=4, tail=None, durable=False,
                  decode="static", focus=DEFAULT_FOCUS):
@@ -296,6 +297,7 @@ class MemorySession:
         self._since_refocus = 0
         self.last_recomputed = 0
         self.last_decode = (0, 0.0)                # tokens and seconds of the last generate() call
+        self.wait_s = 0.0                          # generate(): host seconds spent waiting for sampled tokens
         self.counters = dict(ingested=0, generated=0, forwards=0, recomputed=0, reused=0,
                              refocus_calls=0, refocus_ms=0.0, edits=0)
 
@@ -454,7 +456,7 @@ class MemorySession:
         next steps. The logits are entry E - 1's, picked on the device (no recompile per E)."""
         if self._window is None:
             dev = self.device
-            self._window = torch.compile(self._window_fn, dynamic=False)
+            self._window = torch.compile(self._window_fn, dynamic=False, mode=self.window_mode)
             self._qkv_modules = qkv_modules(self.model)
             self._last, self._pos_w = torch.zeros(1, dtype=torch.long, device=dev), torch.arange(self.W, device=dev)[None]
         if self.config.pos_scheme == "gaussian":   # the window's positions, padded to W (values past E are unused)
@@ -595,7 +597,12 @@ class MemorySession:
                 nxt = sample_next(self.logits()[None], rng, temperature, top_k)
             # queue the next token's step before the host reads the token (see _queue_step)
             queued = self._queue_step(nxt) if self.pipeline and i + 1 < max_tokens else None
-            tok = int(nxt[0, 0]) if queued is None else queued.read()
+            if queued is None:
+                t = time.perf_counter()
+                tok = int(nxt[0, 0])
+                self.wait_s += time.perf_counter() - t
+            else:
+                tok = queued.read()
             with _phase("mc.append"):
                 app = self._append(np.array([tok], np.int64))
             if queued is not None:
@@ -652,7 +659,9 @@ class MemorySession:
             self._tok_ready.record(torch.cuda.current_stream(nxt.device))   # the stream the copy went to
 
             def read():
+                t = time.perf_counter()
                 self._tok_ready.synchronize()
+                self.wait_s += time.perf_counter() - t
                 return int(self._host_tok[0])
         else:
             read = lambda: int(nxt[0, 0])  # noqa: E731

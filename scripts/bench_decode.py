@@ -67,18 +67,21 @@ class PhaseTimer:
     PHASES = (("step", "_step"), ("recompute", "_forward"), ("recompute", "_forward_window"),
               ("materialize", "_materialize"), ("window_sync", "_sync"), ("append", "_append"), ("refocus", "refocus"))
 
-    def __init__(self, s, device):
+    def __init__(self, s, device, sync=True):
         self.s, self.device, self.ms, self.calls, self.stack, self.saved = s, device, {}, {}, [], {}
+        self.sync = sync   # False: the host's own time per phase (what bounds a host-bound loop)
 
     def wrap(self, name, fn):
         def timed(*a, **kw):
-            synchronize(self.device.type)
+            if self.sync:
+                synchronize(self.device.type)
             self.stack.append(0.0)
             t0 = time.perf_counter()
             try:
                 return fn(*a, **kw)
             finally:
-                synchronize(self.device.type)
+                if self.sync:
+                    synchronize(self.device.type)
                 dt = (time.perf_counter() - t0) * 1e3
                 child = self.stack.pop()
                 self.ms[name] = self.ms.get(name, 0.0) + dt - child
@@ -133,7 +136,7 @@ def bench_mc(model, ids, args, device, autocast, root):
         for _ in s.generate(max(args.warmup, s.K + 1), temperature=1.0, top_k=50, seed=1):
             pass
         synchronize(device.type)
-        c0 = dict(s.counters)
+        c0, w0 = dict(s.counters), s.wait_s
         t0 = time.perf_counter()
         tels = []
         with torch.profiler.record_function("bench.generate"):
@@ -142,6 +145,7 @@ def bench_mc(model, ids, args, device, autocast, root):
                     tels.append(tel)
         synchronize(device.type)
         dt = time.perf_counter() - t0
+        wait = s.wait_s - w0
         c = {k: s.counters.get(k, 0) - c0.get(k, 0) for k in
              ("recomputed", "reused", "refocus_calls", "refocus_ms", "edits", "pipelined")}
         phases = None
@@ -152,6 +156,14 @@ def bench_mc(model, ids, args, device, autocast, root):
                     pass
                 synchronize(device.type)
             phases = pt.per_token(args.steps, (time.perf_counter() - t1) * 1e3)
+            # and once more unsynchronized: the host's time per phase, pipelining on. When the
+            # device waits for the host (host_wait_ms_per_tok near 0), this is the critical path
+            with PhaseTimer(s, device, sync=False) as pt:
+                t1 = time.perf_counter()
+                for _ in s.generate(args.steps, temperature=1.0, top_k=50, seed=3):
+                    pass
+                synchronize(device.type)
+            phases["host_ms_per_tok"] = pt.per_token(args.steps, (time.perf_counter() - t1) * 1e3)["ms_per_tok"]
         warm = []   # a whole-window recompute once kernels are warm (prefill_ms is the first, cold one)
         for _ in range(3):
             s.cache.truncate(0)
@@ -170,6 +182,8 @@ def bench_mc(model, ids, args, device, autocast, root):
                    for k in ("prep_ms", "lens_ms", "alloc_ms")},
                 "edits_per_refocus": round(c["edits"] / max(1, c["refocus_calls"]), 2),
                 "pipelined_per_tok": round(c["pipelined"] / args.steps, 3),
+                # the host blocked on the device for the sampled token: ~0 means the loop is host-bound
+                "host_wait_ms_per_tok": round(wait / args.steps * 1e3, 3),
                 **({"phases": phases} if phases else {})}
     finally:
         s.close()
@@ -279,8 +293,11 @@ def gpu_idle(events, min_gap_us=1.0):
     if not gen:
         return None
     a, b = gen[-1].time_range.start, gen[-1].time_range.end
+    # kernels and copies; the engine's record_function ranges also show up on the device's
+    # timeline (as user annotations spanning whole phases) and are not work
     busy = sorted((e.time_range.start, e.time_range.end) for e in events
-                  if e.device_type == torch.autograd.DeviceType.CUDA and a <= e.time_range.start < b)
+                  if e.device_type == torch.autograd.DeviceType.CUDA and a <= e.time_range.start < b
+                  and not getattr(e, "is_user_annotation", False) and not e.name.startswith(("mc.", "bench.")))
     ranges = [(e.time_range.start, e.time_range.end, e.name) for e in events
               if e.device_type == cpu and e.name.startswith("mc.") and a <= e.time_range.start < b]
     gaps, end, busy_us = [], a, 0.0

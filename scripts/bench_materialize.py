@@ -6,7 +6,10 @@ a refocus) piece by piece, each piece synced, at several history lengths:
 
 Pieces: the tree reads (one per run of same-level consecutive entries), building the gist rows on
 the device, entry_embeddings, the copy into the session's buffer; then _materialize itself and one
-refocus, for comparison. `--reps` repeats (the first read after ingest can be cold). Prints JSON.
+refocus, for comparison. `--reps` repeats (the first read after ingest can be cold).
+With a GPU, also the whole-window recompute (decode="fused"/"compiled"'s compiled forward over W
+slots) per torch.compile mode in --window-modes: warm time, and its kernels by kind (GEMMs,
+attention, Inductor's fused kernels, the rest) with their share of the FLOP-bound time. Prints JSON.
 """
 import time
 import json
@@ -47,6 +50,65 @@ def probe(model, s, device):
                 copy_ms=t_copy, materialize_ms=t_mat, refocus_ms=t_ref)
 
 
+def kernel_kind(name):
+    n = name.lower()
+    if "flash" in n or "fmha" in n or "attention" in n:
+        return "attention"
+    if any(k in n for k in ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas")):
+        return "gemm"
+    if n.startswith("triton_"):
+        return "inductor"
+    return "other"
+
+
+def window_recompute(model, s, device, modes, reps=5):
+    """The whole-window recompute per compile mode: median warm ms, TFLOP/s by the model's
+    matmul + causal-attention FLOPs over the window, and the kernels of one run by kind."""
+    c = model.config
+    lv, ix = s._sync()
+    E, W = len(lv), s.W
+    s._materialize(lv, ix, E)
+    d, L = c.n_embd, c.n_layer
+    block = sum(p.numel() for p in model.transformer.h[0].parameters() if p.dim() == 2)
+    flops = 2 * block * L * W + 2 * W * W * d * L   # matmuls (all W slots run) + causal QK^T and PV
+    out = {"entries": E, "slots": W, "tflop": round(flops / 1e12, 3), "modes": {}}
+    for mode in modes:
+        try:
+            torch._dynamo.reset()
+            s._window, MemorySession.window_mode = None, (None if mode == "default" else mode)
+            t0 = time.perf_counter()
+            s.cache.truncate(0)
+            s._forward_window(E)   # compile (and autotune)
+            synchronize(device.type)
+            compile_s = time.perf_counter() - t0
+            ts = []
+            for _ in range(reps):
+                s.cache.truncate(0)
+                ts.append(timed(device, lambda: s._forward_window(E))[1])
+            s.cache.truncate(0)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                s._forward_window(E)
+                synchronize(device.type)
+            kinds = {}
+            for e in prof.events():
+                if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
+                    k = kinds.setdefault(kernel_kind(e.name), [0, 0.0])
+                    k[0] += 1
+                    k[1] += e.device_time_total / 1e3
+            ms = float(np.median(ts))
+            out["modes"][mode] = {"compile_s": round(compile_s, 1), "ms": round(ms, 3), "ms_all": ts,
+                                  "tflop_per_s": round(flops / ms / 1e9, 1),
+                                  "kernels": {k: {"calls": n, "ms": round(t, 3)} for k, (n, t) in
+                                              sorted(kinds.items(), key=lambda kv: -kv[1][1])}}
+        except Exception as e:   # one mode failing (an autotune, a compile) leaves the others' figures
+            out["modes"][mode] = {"error": f"{type(e).__name__}: {e}"[:600]}
+    MemorySession.window_mode = None
+    s.cache.truncate(0)
+    s._window = None
+    s.logits()
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("--depth", type=int, default=20)
@@ -58,6 +120,8 @@ def main():
     ap.add_argument("--histories", default="131072,1048576")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--window-modes", default="default", help="GPU: torch.compile modes to time the whole-window "
+                    "recompute under, comma-separated (e.g. default,max-autotune-no-cudagraphs); empty = skip")
     args = ap.parse_args()
     device = torch.device(args.device or autodetect_device_type())
     args.pos_scheme, args.lens_match = "entry", False
@@ -75,6 +139,9 @@ def main():
             for _ in s.generate(s.K + 8, temperature=1.0, top_k=50, seed=1):
                 pass
             out["histories"][str(h)] = [probe(model, s, device) for _ in range(args.reps)]
+            modes = [m for m in args.window_modes.split(",") if m]
+            if device.type == "cuda" and modes and "window_recompute" not in out:   # the same at every history
+                out["window_recompute"] = window_recompute(model, s, device, modes)
         finally:
             s.close()
             shutil.rmtree(d, ignore_errors=True)

@@ -130,6 +130,10 @@ def test_bench_decode_phases_and_pipeline_switch(tmp_path):
         assert {"step", "recompute", "refocus", "sample", "append", "other", "total"} <= set(ph)
         assert sum(v for k, v in ph.items() if k != "total") == pytest.approx(ph["total"], abs=1e-2)
         assert mc["phases"]["calls"]["sample"] == 40 and mc["phases"]["calls"]["refocus"] >= 40 // 8
+        host = mc["phases"]["host_ms_per_tok"]   # the unsynchronized pass: the same phases, host time
+        assert {"step", "sample", "append", "other", "total"} <= set(host) and host["total"] > 0
+        assert sum(v for k, v in host.items() if k != "total") == pytest.approx(host["total"], abs=1e-2)
+        assert 0 <= mc["host_wait_ms_per_tok"] < mc["ms_per_tok"]
     # unpipelined, every token's step runs inside logits() and materializes its entry there
     assert mc_off["phases"]["calls"]["materialize"] >= 40 > mc_on["phases"]["calls"]["materialize"]
     runs = []
@@ -207,6 +211,15 @@ def test_bench_materialize_cpu_smoke():
                    "--histories", "512", "--reps", "2", "--device", "cpu", timeout=240)
     rows = out["histories"]["512"]
     assert len(rows) == 2 and all(r["entries"] <= 64 and r["runs"] >= 1 and r["materialize_ms"] > 0 for r in rows)
+
+
+def test_bench_materialize_sorts_kernels_by_kind():
+    from scripts.bench_materialize import kernel_kind
+    assert kernel_kind("nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_TNT") == "gemm"
+    assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm"
+    assert kernel_kind("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>") == "attention"
+    assert kernel_kind("triton_per_fused__fused_rms_norm_0") == "inductor"
+    assert kernel_kind("Memcpy HtoD (Pageable -> Device)") == "other"
 
 
 def test_bench_decode_kernels_refuses_without_a_gpu():
