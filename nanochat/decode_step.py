@@ -32,7 +32,8 @@ def sample_next(logits, rng=None, temperature=1.0, top_k=None):
     """logits (B, V) -> (B, 1) token ids, on the logits' device, with no host sync."""
     if temperature == 0.0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    if temperature != 1.0:   # (x / 1.0 is x: one launch less per token at the default)
+        logits = logits / temperature
     if top_k is not None and top_k > 0:
         k = min(top_k, logits.size(-1))
         vals, idx = torch.topk(logits, k, dim=-1)
@@ -80,16 +81,23 @@ class DecodeStep:
     step(x, slot, pos=None, sigma=None): x (B, 1) token ids or (B, 1, D) embeddings; slot, a host
     int <= cache.pos, is where the entry goes (entries >= slot are dropped, as truncate(slot) then
     a dynamic forward would); pos/sigma (1, 1) as GPT.forward (pos None = slot). Returns the
-    (B, V) float32 logits (a copy: callers keep them across steps); cache.pos is then slot + 1."""
+    (B, V) float32 logits (a copy: callers keep them across steps); cache.pos is then slot + 1.
+    Host work per step is a few launches (the host, not the GPU, bounds an MC decode loop: bench_decode
+    host_wait_ms_per_tok): the step itself bumps its device slot, so consecutive slots need no
+    fill, and with emb_out it also writes the token's embedding row there (MemorySession's
+    window buffer) instead of the caller."""
 
-    def __init__(self, model, cache, autocast=None, graph=None, compile=False, fused=False, pdl=None):
+    def __init__(self, model, cache, autocast=None, graph=None, compile=False, fused=False, pdl=None, emb_out=None):
         """compile: torch.compile the step first (fused norms, rotary, MLP: fewer kernels per
         replay). The warmup runs before the capture compile it. fused: run the step as the Triton
         kernels of decode_kernels.FusedDecode instead of the model's forward (batch 1); pdl: its
-        programmatic dependent launch (None: decode_kernels.pdl_supported)."""
+        programmatic dependent launch (None: decode_kernels.pdl_supported). emb_out (L, D): a step
+        on token ids (batch 1) also writes emb_out[slot] = the token's embedding (= entry_embeddings
+        at LOD0)."""
         if compile and fused:
             raise ValueError("DecodeStep: compile and fused are two ways to run the step; pick one")
-        self.model, self.cache, self.fused, self.pdl = model, cache, fused, pdl
+        self.model, self.cache, self.fused, self.pdl, self.emb_out = model, cache, fused, pdl, emb_out
+        self._slot_next = None   # the value the device slot holds after the last step (None: unknown)
         self._fwd = torch.compile(self._forward, dynamic=False) if compile else self._forward
         self._fd = None
         # the q/k/v weights whose stacked copies (CausalSelfAttention.qkv_weight) a graph or a
@@ -111,22 +119,28 @@ class DecodeStep:
         return self.model.logits_and_loss(h[:, -1])
 
     def _run(self):
+        if self.emb_out is not None and not self.x.is_floating_point():
+            self.emb_out.index_copy_(0, self.slot, self.model.embed(self.x.view(1)).to(self.emb_out.dtype))
         if self.fused:
-            return self._fd(self.x, self.pos, self.sigma, self.slot)
-        self.cache.slot = self.slot
-        try:
-            with torch.no_grad(), self.autocast:
-                return self._fwd(self.x, self.pos, self.sigma)
-        finally:
-            self.cache.slot = None  # the cache is dynamic again for everyone else (prefill, recompute)
+            out = self._fd(self.x, self.pos, self.sigma, self.slot)
+        else:
+            self.cache.slot = self.slot
+            try:
+                with torch.no_grad(), self.autocast:
+                    out = self._fwd(self.x, self.pos, self.sigma)
+            finally:
+                self.cache.slot = None  # the cache is dynamic again for everyone else (prefill, recompute)
+        self.slot.add_(1)   # the next step's slot, if it is the next one (__call__ refills it if not)
+        return out
 
-    def _capture(self):
+    def _capture(self, slot):
         """The PyTorch docs' recipe: warm up on a side stream (lazy init, autotuning, allocator),
         then capture. Warmup and capture write the same k/v to the same slot: harmless."""
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(3):
+                self.slot.fill_(slot)   # each run bumps it: keep the warmups' writes at this slot
                 self._run()
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
@@ -155,23 +169,29 @@ class DecodeStep:
                 m.qkv_weight()   # refresh the stacked copies eagerly (a compiled step takes them as they are)
             self.x, self.pos, self.sigma = (None if t is None else torch.empty_like(t, device=c.k.device)
                                             for t in (x, pos, sigma))
-            self.slot = torch.zeros(1, dtype=torch.long, device=c.k.device)
+            self.slot, self._slot_next = torch.zeros(1, dtype=torch.long, device=c.k.device), None
             if self.fused:
                 from nanochat.decode_kernels import FusedDecode
                 self._fd = FusedDecode(self.model, c, pdl=self.pdl)
+        if self.emb_out is not None and not x.is_floating_point() and x.numel() != 1:
+            raise ValueError("DecodeStep(emb_out=...) embeds one token per step")
         self.x.copy_(x)
-        self.slot.fill_(slot)
         for buf, t in ((self.pos, pos), (self.sigma, sigma)):
             if buf is not None:
                 buf.copy_(t)
+        if self.graph and self._graph is None:
+            self._graph = self._capture(slot)
+            self._slot_next = None   # the warmup runs moved the device slot
+        if slot != self._slot_next:
+            self.slot.fill_(slot)
+        self._slot_next = None   # unknown until the step has run
         if not self.graph:
             out = self._run()
             if self.fused:
                 out = out.clone()   # FusedDecode's logits buffer is overwritten by the next step
         else:
-            if self._graph is None:
-                self._graph = self._capture()
             self._graph.replay()
             out = self._out.clone()
+        self._slot_next = slot + 1
         c.pos = slot + 1  # as a dynamic forward leaves it
         return out

@@ -290,6 +290,7 @@ class MemorySession:
         self._lv = np.full(self.W, -1, np.int64)   # node (level, index) in each slot of emb/cache
         self._ix = np.full(self.W, -1, np.int64)
         self._known = 0                            # slots [0, _known) hold what _lv/_ix say
+        self._emb_n = 0                            # MC: emb rows [0, _emb_n) are those of nodes _lv/_ix (-1: none)
         self._logits = None                        # logits of the last cached entry
         self._step = None                          # the DecodeStep, made at the first one-entry forward
         self._host_tok = self._tok_ready = None    # pipelined decode's pinned token buffer and its event
@@ -328,8 +329,10 @@ class MemorySession:
         return lv, ix
 
     def _materialize(self, lv, ix, E):
-        """Entry embeddings for slots [_known, E) into self.emb (MC only). Runs of one level have
-        consecutive indices, so each run is one contiguous tree read."""
+        """Entry embeddings for slots [_known, E) into self.emb (MC only). An edit shifts the
+        entries after it to other slots: rows emb already holds (slots [0, _emb_n) hold the rows
+        of nodes _lv/_ix, -1 = none) move on the device, exactly (a row depends only on its node).
+        The rest comes from the tree."""
         a = self._known
         if a >= E:
             return
@@ -338,16 +341,37 @@ class MemorySession:
             t = int(self.tree.tokens(int(ix_[0]), int(ix_[0]) + 1)[0])
             self.emb[a] = self.model.transformer.wte.weight[t]  # = entry_embeddings at LOD0
             self._lv[a], self._ix[a] = 0, ix_[0]
-            self._known = E
+            self._known, self._emb_n = E, max(self._emb_n, E)
             return
-        tok, rows, parts = self._tree_rows(lv_, ix_)
-        dev = self.device
-        gists = self._gist_rows(n, rows, parts)
-        emb = self.model.entry_embeddings(torch.from_numpy(lv_)[None].to(dev), torch.from_numpy(tok)[None].to(dev),
-                                          gists[None])
-        self.emb[a:E] = emb[0].to(self.emb.dtype)
+        # nodes emb already holds (slots [0, _emb_n)): an edit before them moved them to other
+        # slots. Found by their first token (increasing along any layout) and level
+        o, dev = self._emb_n, self.device
+        src = np.full(n, -1, np.int64)
+        if o:
+            old_lv = self._lv[:o]
+            old_start = np.maximum.accumulate(np.where(old_lv >= 0, self._ix[:o] * self.K ** np.maximum(old_lv, 0), -1))
+            start = ix_ * self.K ** lv_
+            p = np.minimum(np.searchsorted(old_start, start), o - 1)
+            hit = (old_start[p] == start) & (old_lv[p] == lv_)
+            src[hit] = p[hit]
+        moved = np.flatnonzero(src >= 0)
+        if len(moved):   # one gather, then one scatter: source and target rows may overlap
+            rows_src, rows_dst = (torch.from_numpy(x).to(dev) for x in (src[moved], moved + a))
+            self.emb[rows_dst] = self.emb[rows_src]
+        self.counters["emb_reused"] = self.counters.get("emb_reused", 0) + len(moved)
+        fresh = np.flatnonzero(src < 0)
+        if len(fresh):   # the rest from the tree, in runs of one level with consecutive indices
+            lvf, ixf = lv_[fresh], ix_[fresh]
+            tok, rows, parts = self._tree_rows(lvf, ixf)
+            gists = self._gist_rows(len(fresh), rows, parts)
+            emb = self.model.entry_embeddings(torch.from_numpy(lvf)[None].to(dev), torch.from_numpy(tok)[None].to(dev),
+                                              gists[None])[0].to(self.emb.dtype)
+            if len(fresh) == n:
+                self.emb[a:E] = emb
+            else:
+                self.emb[torch.from_numpy(fresh + a).to(dev)] = emb
         self._lv[a:E], self._ix[a:E] = lv_, ix_
-        self._known = E
+        self._known, self._emb_n = E, max(o, E)
 
     def _tree_rows(self, lv, ix):
         """The tree's data for entries (lv, ix): token ids (0 at gist entries) and, for the gist
@@ -379,6 +403,13 @@ class MemorySession:
             return to(p), to(s)
         return torch.arange(j, E, device=self.device)[None], None
 
+    def _step_positions(self, j, wc=None):
+        """pos, sigma of a one-entry step at slot j: None, None (the step's device slot is the
+        position, no launch) unless positions are Gaussian."""
+        if self.mc and self.config.pos_scheme == "gaussian":
+            return self._positions(j, j + 1, wc)
+        return None, None
+
     # ---- the public API -------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -396,18 +427,24 @@ class MemorySession:
         if self.cache.pos == E:  # cached but its logits were not kept: redo the last entry
             self.cache.truncate(E - 1)
         j = self.cache.pos
-        if self.mc:
+        step = E - j == 1 and self.decode != "dynamic"   # every generated token: one static-shape step
+        if self.mc and step and lv[j] == 0:   # a token (as the tail always is): the step embeds it, into emb too
+            x = torch.full((1, 1), int(self.tree.tokens(int(ix[j]), int(ix[j]) + 1)[0]), device=self.device)
+            self._lv[j], self._ix[j] = 0, ix[j]
+            self._known, self._emb_n = E, max(self._emb_n, E)
+        elif self.mc:
             with _phase("mc.materialize"):
                 self._materialize(lv, ix, E)
+            x = self.emb[j:E][None]
         else:
             self._known = j  # plain: the layout is written below, as slots get cached
-        pos, sigma = self._positions(j, E)
-        if E - j == 1 and self.decode != "dynamic":  # every generated token: one static-shape step
+            x = torch.tensor(self.tokens[self.w0 + j:self.w0 + E], dtype=torch.long, device=self.device)[None] \
+                if step else None
+        if step:
             if self._step is None:  # the cache lives as long as the session: one graph serves it
                 self._step = DecodeStep(self.model, self.cache, self.autocast, compile=self.decode == "compiled",
-                                        fused=self.decode == "fused")
-            x = self.emb[j:E][None] if self.mc else \
-                torch.tensor(self.tokens[self.w0 + j:self.w0 + E], dtype=torch.long, device=self.device)[None]
+                                        fused=self.decode == "fused", emb_out=self.emb)
+            pos, sigma = self._step_positions(j)
             with _phase("mc.step"):
                 logits = self._step(x, j, pos, sigma)[0]
         elif self.mc and self.decode in ("compiled", "fused") and j < self.W // 4:
@@ -415,7 +452,7 @@ class MemorySession:
                 logits = self._forward_window(E)
         else:
             with _phase("mc.recompute"):
-                logits = self._forward(j, E, pos, sigma)
+                logits = self._forward(j, E, *self._positions(j, E))
         if not self.mc:
             self._lv[j:E], self._ix[j:E] = lv[j:E], ix[j:E]
             self._known = E
@@ -627,8 +664,8 @@ class MemorySession:
         leaves the device idle between steps). Queues the step that appends `nxt` (the sampled
         (1, 1) token ids, still on the device) at the tail slot, if appending one token there
         changes nothing else: the window is fully cached, no collapse and no refocus follows this
-        token (MC), no re-anchor (plain). The step reads the token's embedding row on the device, as
-        the one-entry _materialize path does, so its logits are those of the unpipelined loop.
+        token (MC), no re-anchor (plain). The step embeds the token on the device (and writes its
+        row into emb), as the unpipelined one-entry step does, so its logits are that loop's.
         Returns None (run unpipelined) or a Queued(slot, logits, read): read() gives the token id on
         the host without waiting for the queued step. _commit_step records the slot once the host
         append succeeded; if it fails, the slot is past the known prefix and gets dropped."""
@@ -640,18 +677,18 @@ class MemorySession:
             if self._since_refocus + 1 >= self.K:
                 return None                        # a refocus follows this token: it may edit anything
             # E + 1 <= W: the append collapses nothing (WorkingContext.append collapses only past W)
+            probe = None
             if self.config.pos_scheme == "gaussian":
                 probe = self.wc.copy()
                 probe.append(1)
-                pos, sigma = self._positions(E, E + 1, probe)
-            else:
-                pos, sigma = self._positions(E, E + 1)
-            self.emb[E:E + 1] = self.model.transformer.wte.weight.index_select(0, nxt.view(1))
-            x = self.emb[E:E + 1][None]
+            pos, sigma = self._step_positions(E, probe)
+            # the step writes the token's embedding row (DecodeStep emb_out): no known node until _commit_step
+            self._lv[E], self._emb_n = -1, max(self._emb_n, E + 1)
         else:
             if len(self.tokens) - self.w0 + 1 > self.W:
                 return None                        # the window re-anchors: a full recompute
-            pos, sigma, x = torch.arange(E, E + 1, device=self.device)[None], None, nxt.view(1, 1)
+            pos, sigma = None, None
+        x = nxt.view(1, 1)
         if nxt.is_cuda:   # the token to pinned host memory, ordered before the step, then the step
             if self._host_tok is None:
                 self._host_tok, self._tok_ready = torch.empty(1, dtype=torch.long, pin_memory=True), torch.cuda.Event()

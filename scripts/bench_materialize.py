@@ -43,7 +43,7 @@ def probe(model, s, device):
     emb, t_emb = timed(device, lambda: model.entry_embeddings(torch.from_numpy(lv)[None].to(device),
                                                              torch.from_numpy(tok)[None].to(device), g[None]))
     _, t_copy = timed(device, lambda: s.emb[:n].copy_(emb[0].to(s.emb.dtype)))
-    s._known = 0
+    s._known = s._emb_n = 0   # nothing to reuse: the whole window from the tree
     _, t_mat = timed(device, lambda: s._materialize(lv, ix, n))
     _, t_ref = timed(device, s.refocus)
     return dict(entries=n, runs=runs, reads_ms=t_reads, gist_rows_ms=t_rows, entry_embeddings_ms=t_emb,
@@ -61,6 +61,7 @@ def kernel_kind(name):
     return "other"
 
 
+@torch.no_grad()
 def window_recompute(model, s, device, modes, reps=5):
     """The whole-window recompute per compile mode: median warm ms, TFLOP/s by the model's
     matmul + causal-attention FLOPs over the window, and the kernels of one run by kind."""

@@ -40,8 +40,8 @@ def make_model(mc=True, scheme="entry", seed=0, vocab=V, seq=64):
 
 
 @torch.no_grad()
-def reference_logits(s):
-    """From scratch, entry by entry: the working context -> entry_embeddings -> one forward."""
+def reference_emb(s):
+    """From scratch, entry by entry: the working context -> entry_embeddings (1, E, D)."""
     m, wc, tree = s.model, s.wc, s.tree
     lv, ix = wc.levels, wc.indices
     tok, gists = np.zeros(len(lv), np.int64), torch.zeros(len(lv), m.config.n_embd)
@@ -50,7 +50,15 @@ def reference_logits(s):
             tok[j] = int(tree.tokens(i, i + 1)[0])
         else:
             gists[j] = tree.gists(l, i, i + 1)[0]
-    emb = m.entry_embeddings(torch.from_numpy(lv)[None], torch.from_numpy(tok)[None], gists[None])
+    return m.entry_embeddings(torch.from_numpy(lv)[None], torch.from_numpy(tok)[None], gists[None])
+
+
+@torch.no_grad()
+def reference_logits(s):
+    """From scratch: the working context -> entry_embeddings -> one forward."""
+    m, wc = s.model, s.wc
+    lv = wc.levels
+    emb = reference_emb(s)
     if m.config.pos_scheme == "gaussian":
         pos, sigma = (torch.from_numpy(a)[None] for a in wc.positions("gaussian"))
     else:
@@ -118,6 +126,31 @@ def test_one_token_materialize_is_the_entry_embedding():
         assert torch.equal(s.emb[E - 1], ref.to(s.emb.dtype))
         assert (s._lv[E - 1], s._ix[E - 1]) == (0, s.wc.indices[E - 1])
     check(s)
+
+
+def test_materialize_moves_the_rows_an_edit_shifted():
+    """After an edit, the entries behind it are the same nodes at other slots: their rows move
+    within emb (no tree read) and must be exactly what entry_embeddings gives for the window,
+    through collapses (the window shrinks), expansions (it grows) and generated tokens."""
+    s = MemorySession(make_model(), W=W)
+    s.ingest(np.arange(400) % V)
+    s.logits()
+    reused, shifted = s.counters.get("emb_reused", 0), 0
+    for t in range(24):
+        if t % 3 == 0:
+            tel = s.refocus()
+            shifted += tel["expanded"] + tel["collapsed"] > 0
+        s.ingest([t % V])
+        s.logits()
+        E = len(s.wc)
+        assert torch.equal(s.emb[:E], reference_emb(s)[0].to(s.emb.dtype)), t
+        assert (s._lv[:E] == s.wc.levels).all() and (s._ix[:E] == s.wc.indices).all()
+    assert shifted and s.counters["emb_reused"] - reused > W // 2   # rows really moved, not re-read
+    check(s)
+    for _ in s.generate(12, temperature=0.0):   # the pipelined steps' rows, then a refocus's move
+        pass
+    check(s)   # (the last generated token gets its row here)
+    assert torch.equal(s.emb[:len(s.wc)], reference_emb(s)[0].to(s.emb.dtype))
 
 
 def test_compresses_from_first_token_past_W():
@@ -319,6 +352,30 @@ def test_decode_step_slots():
         assert cache.pos == 4
         with pytest.raises(ValueError, match="gap"):
             step(ids[:, :1], 6)
+        # the step bumps its own device slot: the next slot needs no refill, an earlier one does
+        torch.testing.assert_close(step(ids[:, 4:5], 4), model(ids[:, :5])[:, -1], atol=ATOL, rtol=0)
+        torch.testing.assert_close(step(ids[:, 5:6], 5), model(ids[:, :6])[:, -1], atol=ATOL, rtol=0)
+        torch.testing.assert_close(step(ids[:, 2:3], 2), model(ids[:, :3])[:, -1], atol=ATOL, rtol=0)
+        assert cache.pos == 3 and int(step.slot) == 3
+
+
+def test_decode_step_writes_the_token_row_into_emb_out():
+    """MemorySession's steps take token ids and DecodeStep writes the token's embedding into the
+    window buffer (emb_out) itself: exactly entry_embeddings at LOD0; an embedding input writes nothing."""
+    model = make_model()
+    cache = Engine(model).new_cache(1, 16)
+    emb = torch.zeros(16, model.config.n_embd)
+    step = DecodeStep(model, cache, emb_out=emb)
+    with torch.no_grad():
+        ref = model.entry_embeddings(torch.zeros(1, 3, dtype=torch.long), torch.tensor([[5, 9, 2]]),
+                                     torch.zeros(1, 3, model.config.n_embd))[0]
+        for j, t in enumerate((5, 9, 2)):
+            step(torch.tensor([[t]]), j)
+        assert torch.equal(emb[:3], ref) and not emb[3:].any()
+        step(ref[1][None, None], 3)   # an embedding: the caller wrote its row
+        assert not emb[3].any()
+        with pytest.raises(ValueError, match="one token per step"):
+            DecodeStep(model, Engine(model).new_cache(2, 16), emb_out=emb)(torch.tensor([[1], [2]]), 0)
 
 
 @pytest.mark.parametrize("scheme", ["entry", "gaussian"])
