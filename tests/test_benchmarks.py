@@ -134,8 +134,10 @@ def test_bench_decode_phases_and_pipeline_switch(tmp_path):
         assert {"step", "sample", "append", "other", "total"} <= set(host) and host["total"] > 0
         assert sum(v for k, v in host.items() if k != "total") == pytest.approx(host["total"], abs=1e-2)
         assert 0 <= mc["host_wait_ms_per_tok"] < mc["ms_per_tok"]
-    # unpipelined, every token's step runs inside logits() and materializes its entry there
-    assert mc_off["phases"]["calls"]["materialize"] >= 40 > mc_on["phases"]["calls"]["materialize"]
+    # pipelined or not, a generated token's step embeds it on the device (DecodeStep emb_out):
+    # materialize runs only for the entries an edit changed
+    for mc in (mc_on, mc_off):
+        assert mc["phases"]["calls"]["step"] >= 30 > mc["phases"]["calls"]["materialize"]
     runs = []
     for name, res in (("on", on), ("off", off)):
         runs.append(f"{name}={tmp_path / name}.json")
