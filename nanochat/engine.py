@@ -356,20 +356,23 @@ class MemorySession:
             src[hit] = p[hit]
         moved = np.flatnonzero(src >= 0)
         if len(moved):   # one gather, then one scatter: source and target rows may overlap
-            rows_src, rows_dst = (torch.from_numpy(x).to(dev) for x in (src[moved], moved + a))
-            self.emb[rows_dst] = self.emb[rows_src]
+            with _phase("mc.emb_move"):
+                rows_src, rows_dst = (torch.from_numpy(x).to(dev) for x in (src[moved], moved + a))
+                self.emb[rows_dst] = self.emb[rows_src]
         self.counters["emb_reused"] = self.counters.get("emb_reused", 0) + len(moved)
         fresh = np.flatnonzero(src < 0)
         if len(fresh):   # the rest from the tree, in runs of one level with consecutive indices
             lvf, ixf = lv_[fresh], ix_[fresh]
-            tok, rows, parts = self._tree_rows(lvf, ixf)
-            gists = self._gist_rows(len(fresh), rows, parts)
-            emb = self.model.entry_embeddings(torch.from_numpy(lvf)[None].to(dev), torch.from_numpy(tok)[None].to(dev),
-                                              gists[None])[0].to(self.emb.dtype)
-            if len(fresh) == n:
-                self.emb[a:E] = emb
-            else:
-                self.emb[torch.from_numpy(fresh + a).to(dev)] = emb
+            with _phase("mc.tree_read"):
+                tok, rows, parts = self._tree_rows(lvf, ixf)
+            with _phase("mc.emb_fresh"):
+                gists = self._gist_rows(len(fresh), rows, parts)
+                emb = self.model.entry_embeddings(torch.from_numpy(lvf)[None].to(dev),
+                                                  torch.from_numpy(tok)[None].to(dev), gists[None])[0].to(self.emb.dtype)
+                if len(fresh) == n:
+                    self.emb[a:E] = emb
+                else:
+                    self.emb[torch.from_numpy(fresh + a).to(dev)] = emb
         self._lv[a:E], self._ix[a:E] = lv_, ix_
         self._known, self._emb_n = E, max(o, E)
 

@@ -277,10 +277,32 @@ def top_ops(prof, device, n=15):
     top = lambda k: [row(e) for e in sorted(ev, key=lambda e: getattr(e, k, 0), reverse=True)[:n]]  # noqa: E731
     phases = [{"phase": e.key, "calls": e.count, "cpu_ms": round(e.cpu_time_total / 1e3, 2)}
               for e in ev if e.key.startswith(("mc.", "bench."))]
-    out = {"by_device": top(key), "by_cpu": top("self_cpu_time_total"), "phases": phases}
+    events = prof.events()
+    out = {"by_device": top(key), "by_cpu": top("self_cpu_time_total"), "phases": phases,
+           "phase_ops": phase_ops(events)}
     if device.type == "cuda":
-        out["gpu_idle"] = gpu_idle(prof.events())
+        out["gpu_idle"] = gpu_idle(events)
     return out
+
+
+def phase_ops(events, n=6):
+    """Per engine phase (mc.*), the ops whose host time it spent (self CPU time, by the phase
+    each op sits in innermost): what a phase's host time is made of. Calls and ms summed."""
+    cpu = torch.autograd.DeviceType.CPU
+    by = {}
+    for e in events:
+        if e.device_type != cpu or e.name.startswith(("mc.", "bench.")):
+            continue
+        p = e.cpu_parent
+        while p is not None and not p.name.startswith("mc."):
+            p = p.cpu_parent
+        if p is None:
+            continue
+        row = by.setdefault(p.name, {}).setdefault(e.name, [0, 0.0])
+        row[0] += 1
+        row[1] += e.self_cpu_time_total / 1e3
+    return {ph: [{"op": k[:90], "calls": c, "self_cpu_ms": round(t, 2)} for k, (c, t) in
+                 sorted(ops.items(), key=lambda kv: -kv[1][1])[:n]] for ph, ops in sorted(by.items())}
 
 
 def gpu_idle(events, min_gap_us=1.0):

@@ -163,6 +163,10 @@ def test_bench_decode_profile_names_the_top_ops():
     # the engine's named phases: every generated token runs logits + append, the timed loop is one range
     assert phases["bench.generate"]["calls"] == 1 and phases["mc.append"]["calls"] >= 2
     assert phases["mc.logits"]["calls"] >= 2 and "mc.step" in phases and phases["mc.refocus"]["calls"] >= 1
+    # and what each phase's host time is made of: aten ops under the phase they ran in
+    ops = prof["phase_ops"]
+    assert {"mc.refocus", "mc.append"} <= set(ops) and any(r["op"].startswith("aten::") for r in ops["mc.refocus"])
+    assert all(r["calls"] > 0 and r["self_cpu_ms"] >= 0 for rows in ops.values() for r in rows)
 
 
 def test_bench_decode_gpu_idle_charges_each_gap_to_the_innermost_phase():
