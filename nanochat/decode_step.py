@@ -42,6 +42,49 @@ def sample_next(logits, rng=None, temperature=1.0, top_k=None):
     return _multinomial1(torch.softmax(logits, dim=-1), rng)
 
 
+def no_cache_autocast(autocast):
+    """The same autocast without its weight-cast cache: a captured graph must not read casts that a
+    warmup run cached (make_graphed_callables refuses cached autocast for this reason)."""
+    if isinstance(autocast, torch.autocast):
+        return torch.autocast(autocast.device, dtype=autocast.fast_dtype, enabled=autocast._enabled, cache_enabled=False)
+    return autocast if autocast is not None else contextlib.nullcontext()
+
+
+class GraphedFn:
+    """fn(x) -> tensor for a call made many times at a few shapes with little work each (GistNet
+    on the one block that 32 generated tokens complete: ~60 eager launches, on the refocus's
+    critical path): on CUDA one CUDA graph per input shape/dtype (at most max_graphs), replayed
+    with a copy in and a clone out, so its result is the eager call's (the same kernels on the
+    same shapes). Elsewhere, or past max_graphs, it calls fn."""
+
+    def __init__(self, fn, max_graphs=4):
+        self.fn, self.max_graphs, self.graphs = fn, max_graphs, {}
+
+    def __call__(self, x):
+        if not x.is_cuda:
+            return self.fn(x)
+        key = (tuple(x.shape), x.dtype)
+        g = self.graphs.get(key)
+        if g is None:
+            if len(self.graphs) >= self.max_graphs:
+                return self.fn(x)
+            inp = x.clone()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):   # warmup: lazy init, allocator (the PyTorch docs' recipe)
+                for _ in range(2):
+                    self.fn(inp)
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                out = self.fn(inp)
+            g = self.graphs[key] = (graph, inp, out)
+        graph, inp, out = g
+        inp.copy_(x)
+        graph.replay()
+        return out.clone()
+
+
 def cache_dtype(model):
     p = next(model.parameters())
     return torch.bfloat16 if p.is_cuda else p.dtype
@@ -106,12 +149,8 @@ class DecodeStep:
         self._qkv_params = [w for m in self._attn for w in (m.c_q.weight, m.c_k.weight, m.c_v.weight)]
         self.graph = cache.k.is_cuda if graph is None else graph
         self._key = self._graph = None
-        # the graph must not hold weight casts cached by a warmup run's autocast (make_graphed_callables
-        # refuses cached autocast for this reason); a decode step uses each weight once, so no loss
-        if isinstance(autocast, torch.autocast):
-            autocast = torch.autocast(autocast.device, dtype=autocast.fast_dtype, enabled=autocast._enabled,
-                                      cache_enabled=False)
-        self.autocast = autocast if autocast is not None else contextlib.nullcontext()
+        # a decode step uses each weight once: the cast cache would save nothing
+        self.autocast = no_cache_autocast(autocast)
 
     def _forward(self, x, pos, sigma):
         kw = dict(embeds=x) if x.is_floating_point() else dict(idx=x)

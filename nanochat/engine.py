@@ -47,7 +47,7 @@ import torch
 
 from nanochat.common import fail, atomic_write_json, atomic_write_bytes, autocast_ctx, lock_dir
 from nanochat.gpt import lens_features
-from nanochat.decode_step import DecodeStep, DECODE_MODES, sample_next, qkv_modules, cache_dtype, check_decode  # noqa: F401 (re-exported)
+from nanochat.decode_step import DecodeStep, DECODE_MODES, sample_next, qkv_modules, cache_dtype, check_decode, GraphedFn, no_cache_autocast  # noqa: F401 (re-exported)
 from nanochat.attention import KVCache
 from megacontext.match import MatchIndex
 from megacontext.tree import MegaContextTree
@@ -274,6 +274,7 @@ class MemorySession:
         self.autocast = autocast if autocast is not None else autocast_ctx(self.device.type)
         self.model_id = model_id if model_id is not None else compute_model_id(model)
         self.tree, self._lock_fd, self.closed, self.recovered = None, None, False, {}
+        self._gist_graphs = {}   # (level, weights) -> GraphedFn: one-block gists while decoding
         self._match = None   # MatchIndex of the history's bigrams (when focus.reads_match), built lazily
 
     def _lock_dir(self):
@@ -519,6 +520,18 @@ class MemorySession:
         children = children.to(self.device)
         if children.is_floating_point():  # the tree widens gists to fp32; bf16 weights want bf16
             children = children.to(self.model.transformer.wte.weight.dtype)
+        if children.size(0) == 1 and self.decode != "dynamic":
+            # one block per 32 generated tokens, on the refocus's critical path: a CUDA graph per
+            # level on CUDA (GraphedFn: the eager call's result, 2 launches instead of ~60)
+            key = (child_level, self.model.transformer.wte.weight.data_ptr())
+            if key not in self._gist_graphs:
+                ac = no_cache_autocast(self.autocast)
+
+                def one(c, level=child_level, ac=ac):
+                    with ac:
+                        return self.model.gist(level, c)
+                self._gist_graphs[key] = GraphedFn(one)
+            return self._gist_graphs[key](children)
         with self.autocast:
             return self.model.gist(child_level, children)
 

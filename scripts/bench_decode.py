@@ -164,6 +164,13 @@ def bench_mc(model, ids, args, device, autocast, root):
                     pass
                 synchronize(device.type)
             phases["host_ms_per_tok"] = pt.per_token(args.steps, (time.perf_counter() - t1) * 1e3)["ms_per_tok"]
+        # the decode loop's one-block gists ran as CUDA graphs (GraphedFn): the newest one must be
+        # bit for bit the eager GistNet's
+        n1 = s.tree.num_nodes(1)
+        blk = torch.from_numpy(s.tree.tokens((n1 - 1) * s.K, n1 * s.K).astype(np.int64))[None].to(device)
+        with torch.no_grad(), autocast:
+            ref = s.tree._decode(s.tree._encode(model.gist(0, blk)))
+        gist_exact = bool(torch.equal(s.tree.gists(1, n1 - 1, n1), ref))
         warm = []   # a whole-window recompute once kernels are warm (prefill_ms is the first, cold one)
         for _ in range(3):
             s.cache.truncate(0)
@@ -184,6 +191,7 @@ def bench_mc(model, ids, args, device, autocast, root):
                 "pipelined_per_tok": round(c["pipelined"] / args.steps, 3),
                 # the host blocked on the device for the sampled token: ~0 means the loop is host-bound
                 "host_wait_ms_per_tok": round(wait / args.steps * 1e3, 3),
+                "gist_graph_exact": gist_exact,
                 **({"phases": phases} if phases else {})}
     finally:
         s.close()

@@ -153,6 +153,41 @@ def test_materialize_moves_the_rows_an_edit_shifted():
     assert torch.equal(s.emb[:len(s.wc)], reference_emb(s)[0].to(s.emb.dtype))
 
 
+def test_one_block_gists_go_through_graphed_fn():
+    """While decoding, the block a token completes gets its gist through a GraphedFn per level
+    (a CUDA graph on CUDA, the eager call elsewhere): the tree holds exactly the eager gists."""
+    from nanochat.decode_step import GraphedFn
+    model = make_model()
+    s = MemorySession(model, W=W)
+    s.ingest(np.arange(3 * K * K + 1) % V)   # bulk: n > 1 per call, eager
+    assert not s._gist_graphs
+    for t in range(2 * K * K):
+        s.ingest([t % V])                    # one token at a time: one-block gists
+    assert {0, 1} <= {lvl for lvl, _ in s._gist_graphs} and all(isinstance(g, GraphedFn) for g in s._gist_graphs.values())
+    assert all(not g.graphs for g in s._gist_graphs.values())   # CPU: no graphs, the eager call
+    ids = torch.from_numpy(s.tree.tokens(0, s.tree.num_tokens).astype(np.int64))
+    with torch.no_grad():
+        n1 = s.tree.num_nodes(1)
+        bf = lambda g: g.to(torch.bfloat16).float()   # noqa: E731 (the tree stores bf16 gists)
+        torch.testing.assert_close(s.tree.gists(1, 0, n1), bf(model.gist(0, ids[:n1 * K].view(n1, K))), atol=0, rtol=0)
+        n2 = s.tree.num_nodes(2)
+        torch.testing.assert_close(s.tree.gists(2, 0, n2), bf(model.gist(1, s.tree.gists(1, 0, n2 * K).view(n2, K, -1))),
+                                   atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_fn_is_the_eager_call_on_cuda():
+    from nanochat.decode_step import GraphedFn
+    model = make_model().cuda()
+    f = GraphedFn(lambda c: model.gist(0, c))
+    x = torch.randint(0, V, (1, K), device="cuda")
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(f(x), model.gist(0, x))
+            x = torch.randint(0, V, (1, K), device="cuda")
+    assert len(f.graphs) == 1
+
+
 def test_compresses_from_first_token_past_W():
     s = MemorySession(make_model(), W=W)
     s.ingest(np.arange(W) % V)
