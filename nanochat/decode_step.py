@@ -9,6 +9,7 @@ decode step that Engine and MemorySession (nanochat/engine.py) share.
 - sample_next: temperature / top-k sampling with torch.multinomial's own draw, minus the
   validity check that synced the host with the step in flight.
 """
+import warnings
 import contextlib
 
 import torch
@@ -54,35 +55,51 @@ class GraphedFn:
     """fn(x) -> tensor for a call made many times at a few shapes with little work each (GistNet
     on the one block that 32 generated tokens complete: ~60 eager launches, on the refocus's
     critical path): on CUDA one CUDA graph per input shape/dtype (at most max_graphs), replayed
-    with a copy in and a clone out, so its result is the eager call's (the same kernels on the
-    same shapes). Elsewhere, or past max_graphs, it calls fn."""
+    with a copy in and a clone out: the same kernels on the same shapes as the eager call. Each
+    capture is checked once against the eager call; a capture that fails or disagrees turns
+    graphs off for this fn (a warning, then eager calls). Elsewhere, or past max_graphs, it calls fn."""
 
     def __init__(self, fn, max_graphs=4):
         self.fn, self.max_graphs, self.graphs = fn, max_graphs, {}
+        self.disabled = None   # why graphs are off for this fn (a capture failed or disagreed), else None
 
     def __call__(self, x):
-        if not x.is_cuda:
+        if not x.is_cuda or self.disabled:
             return self.fn(x)
         key = (tuple(x.shape), x.dtype)
         g = self.graphs.get(key)
         if g is None:
             if len(self.graphs) >= self.max_graphs:
                 return self.fn(x)
-            inp = x.clone()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):   # warmup: lazy init, allocator (the PyTorch docs' recipe)
-                for _ in range(2):
-                    self.fn(inp)
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                out = self.fn(inp)
-            g = self.graphs[key] = (graph, inp, out)
+            try:
+                g = self._capture(x)
+            except Exception as e:   # a graph is an optimization: never a reason to fail the call
+                self.disabled = f"{type(e).__name__}: {e}"
+                warnings.warn(f"GraphedFn: no CUDA graph ({self.disabled}); running eagerly")
+                return self.fn(x)
+            self.graphs[key] = g
         graph, inp, out = g
         inp.copy_(x)
         graph.replay()
         return out.clone()
+
+    def _capture(self, x):
+        inp = x.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):   # warmup: lazy init, allocator (the PyTorch docs' recipe)
+            for _ in range(2):
+                self.fn(inp)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out = self.fn(inp)
+        graph.replay()   # checked once against the eager call: a broken capture must not write gists
+        want = self.fn(x)
+        if out.shape != want.shape or not torch.allclose(out.float(), want.float(), rtol=1e-2, atol=1e-2):
+            raise RuntimeError(f"the replay differs from the eager call (max |diff| "
+                               f"{(out.float() - want.float()).abs().max().item():.3g})")
+        return graph, inp, out
 
 
 def cache_dtype(model):
