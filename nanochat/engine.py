@@ -367,13 +367,17 @@ class MemorySession:
             with _phase("mc.tree_read"):
                 tok, rows, parts = self._tree_rows(lvf, ixf)
             with _phase("mc.emb_fresh"):
-                gists = self._gist_rows(len(fresh), rows, parts)
-                emb = self.model.entry_embeddings(torch.from_numpy(lvf)[None].to(dev),
-                                                  torch.from_numpy(tok)[None].to(dev), gists[None])[0].to(self.emb.dtype)
-                if len(fresh) == n:
+                # every index in one host->device copy (each copy is a launch the device waits for)
+                nf = len(fresh)
+                grow = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+                meta = torch.from_numpy(np.concatenate([lvf, tok, fresh + a, grow])).to(dev)
+                lvd, tokd, dst, growd = meta.split([nf, nf, nf, len(grow)])
+                gists = self._gist_rows(nf, rows, parts, idx=growd)
+                emb = self.model.entry_embeddings(lvd[None], tokd[None], gists[None])[0].to(self.emb.dtype)
+                if nf == n:
                     self.emb[a:E] = emb
                 else:
-                    self.emb[torch.from_numpy(fresh + a).to(dev)] = emb
+                    self.emb.index_copy_(0, dst, emb)
         self._lv[a:E], self._ix[a:E] = lv_, ix_
         self._known, self._emb_n = E, max(o, E)
 
@@ -393,11 +397,14 @@ class MemorySession:
                 parts.append(self.tree.gists(lvl, i0, i0 + e - s))
         return tok, rows, parts
 
-    def _gist_rows(self, n, rows, parts):
-        """(n, D) fp32 on the device: _tree_rows' gists at their rows, zeros elsewhere."""
+    def _gist_rows(self, n, rows, parts, idx=None):
+        """(n, D) fp32 on the device: _tree_rows' gists at their rows, zeros elsewhere. idx: those
+        rows already on the device (np.concatenate(rows))."""
         gists = torch.zeros(n, self.config.n_embd, device=self.device)
         if parts:
-            gists[torch.from_numpy(np.concatenate(rows)).to(self.device)] = torch.cat(parts).to(self.device)
+            if idx is None:
+                idx = torch.from_numpy(np.concatenate(rows)).to(self.device)
+            gists[idx] = torch.cat(parts).to(self.device)
         return gists
 
     def _positions(self, j, E, wc=None):
@@ -614,15 +621,16 @@ class MemorySession:
         prep_ms = (time.perf_counter() - t0) * 1e3
 
         def lens():   # LensNet's scores ("lens", "union"): "match" and "match_top" never run it
-            recent = torch.from_numpy(recent_np)[None].to(dev)
+            # the integer inputs in one host->device copy
+            ints = torch.from_numpy(np.concatenate([recent_np, self.wc.starts, self.wc.widths, lv]).astype(np.int64)).to(dev)
+            recent, starts, widths, lvd = ints.split([len(recent_np), E, E, E])
             # LensNet reads the match only if it was trained to (lens_match): "union" on another
             # model computes the mass for match_top alone
             match = torch.from_numpy(mass).float()[None].to(dev) if self.model.config.lens_match else None
-            feat = lens_features(torch.from_numpy(self.wc.starts)[None].to(dev), torch.from_numpy(self.wc.widths)[None].to(dev),
-                                 N, match)
+            feat = lens_features(starts[None], widths[None], N, match)
             with self.autocast:
-                sc = self.model.lensnet(self.emb[:E][None], torch.from_numpy(lv)[None].to(dev), feat,
-                                        self.model.lens_queries(recent, t), torch.ones(1, E, dtype=torch.bool, device=dev))
+                sc = self.model.lensnet(self.emb[:E][None], lvd[None], feat,
+                                        self.model.lens_queries(recent[None], t), torch.ones(1, E, dtype=torch.bool, device=dev))
             return sc[0].float().cpu().numpy()
         scores = focus_scores(self.focus_by, self.wc, mass, lens)
         lens_ms = (time.perf_counter() - t0) * 1e3
