@@ -439,10 +439,10 @@ class MemorySession:
             self.cache.truncate(E - 1)
         j = self.cache.pos
         step = E - j == 1 and self.decode != "dynamic"   # every generated token: one static-shape step
-        if self.mc and step and lv[j] == 0:   # a token (as the tail always is): the step embeds it, into emb too
+        embeds_token = self.mc and step and lv[j] == 0   # a token (as the tail always is): the step embeds it, into emb too
+        if embeds_token:
             x = torch.full((1, 1), int(self.tree.tokens(int(ix[j]), int(ix[j]) + 1)[0]), device=self.device)
-            self._lv[j], self._ix[j] = 0, ix[j]
-            self._known, self._emb_n = E, max(self._emb_n, E)
+            self._lv[j], self._emb_n = -1, max(self._emb_n, E)   # no known row until the step has written it
         elif self.mc:
             with _phase("mc.materialize"):
                 self._materialize(lv, ix, E)
@@ -458,6 +458,8 @@ class MemorySession:
             pos, sigma = self._step_positions(j)
             with _phase("mc.step"):
                 logits = self._step(x, j, pos, sigma)[0]
+            if embeds_token:
+                self._lv[j], self._ix[j], self._known = 0, ix[j], E
         elif self.mc and self.decode in ("compiled", "fused") and j < self.W // 4:
             with _phase("mc.recompute"):
                 logits = self._forward_window(E)

@@ -153,6 +153,32 @@ def test_materialize_moves_the_rows_an_edit_shifted():
     assert torch.equal(s.emb[:len(s.wc)], reference_emb(s)[0].to(s.emb.dtype))
 
 
+def test_a_failed_step_leaves_no_stale_row():
+    """The one-entry step writes the token's row into emb itself: if it raises, the slot must not
+    count as known, so the retry (or a later edit's row move) cannot use a row never written."""
+    s = MemorySession(make_model(), W=W)
+    s.ingest(np.arange(20) % V)
+    s.logits()
+    s.ingest([5])
+    s.logits()                      # a one-entry step: the DecodeStep exists now
+    s.ingest([7])
+    step = s._step
+
+    def boom(*a, **kw):
+        raise RuntimeError("device lost")
+    s._step = boom
+    with pytest.raises(RuntimeError, match="device lost"):
+        s.logits()
+    assert s._lv[len(s.wc) - 1] == -1   # the slot the failed step was to write is no known node
+    s._step = step
+    check(s)
+    assert s.last_recomputed == 1 and torch.equal(s.emb[:len(s.wc)], reference_emb(s)[0].to(s.emb.dtype))
+    s.ingest(np.arange(40) % V)     # a full window: collapses move the rows behind them
+    s.refocus()
+    check(s)
+    assert torch.equal(s.emb[:len(s.wc)], reference_emb(s)[0].to(s.emb.dtype))
+
+
 def test_one_block_gists_go_through_graphed_fn():
     """While decoding, the block a token completes gets its gist through a GraphedFn per level
     (a CUDA graph on CUDA, the eager call elsewhere): the tree holds exactly the eager gists."""
