@@ -201,19 +201,6 @@ def test_one_block_gists_go_through_graphed_fn():
                                    atol=0, rtol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_graphed_fn_is_the_eager_call_on_cuda():
-    from nanochat.decode_step import GraphedFn
-    model = make_model().cuda()
-    f = GraphedFn(lambda c: model.gist(0, c))
-    x = torch.randint(0, V, (1, K), device="cuda")
-    with torch.no_grad():
-        for _ in range(3):
-            assert torch.equal(f(x), model.gist(0, x))
-            x = torch.randint(0, V, (1, K), device="cuda")
-    assert len(f.graphs) == 1
-
-
 def test_compresses_from_first_token_past_W():
     s = MemorySession(make_model(), W=W)
     s.ingest(np.arange(W) % V)
