@@ -519,14 +519,16 @@ def main():
     ap.add_argument("--lens-match", action="store_true", help="LensNet reads the query-match feature (GPTConfig.lens_match)")
     ap.add_argument("--focus", default="lens", choices=FOCUS_POLICIES,
                     help="MemorySession's refocus scorer (default lens, as the README's decode figures; chat's default is union)")
+    ap.add_argument("--repeat", type=int, default=1, help="measure each history's MC and full attention this many "
+                    "times, alternating (the machine's drift shows in the pairs); rows report the median run")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)  # "history,mode": one measurement
     args = ap.parse_args()
     try:
         histories = [int(h) for h in args.histories.split(",")]
     except ValueError:
         fail(f"--histories must be comma-separated integers, got {args.histories!r}")
-    if args.steps < 1 or args.warmup < 0 or min(histories) < 1:
-        fail("--steps and every history must be >= 1, --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or min(histories) < 1 or args.repeat < 1:
+        fail("--steps, --repeat and every history must be >= 1, --warmup >= 0")
     if args.dtype is None:
         args.dtype = "bf16" if torch.device(args.device or autodetect_device_type()).type == "cuda" else "fp32"
     if args.count_ops:
@@ -549,12 +551,25 @@ def main():
            "W": args.W, "steps": args.steps, "decode": args.decode, "pipeline": not args.no_pipeline, "dtype": args.dtype, "mem": "peak_gpu_mb" if device.type == "cuda" else "rss_mb",
            "isolation": "one process per measurement", "results": []}
     for h in histories:
-        row = {"history": h, "mc": run_child(argv, h, "mc"),
-               "full": "skipped" if h > args.max_full else run_child(argv, h, "full")}
+        runs = [{"mc": run_child(argv, h, "mc"), "full": "skipped" if h > args.max_full else run_child(argv, h, "full")}
+                for _ in range(args.repeat)]
+        row = {"history": h, **{k: median_run([r[k] for r in runs]) for k in ("mc", "full")}}
+        if args.repeat > 1:   # each pair ran back to back: full / MC per pair, then the spread
+            ms = lambda r: r.get("ms_per_tok") if isinstance(r, dict) else None  # noqa: E731
+            row["runs"] = [{"mc_ms_per_tok": ms(r["mc"]), "full_ms_per_tok": ms(r["full"]),
+                            "mc_speedup": round(ms(r["full"]) / ms(r["mc"]), 3) if ms(r["mc"]) and ms(r["full"]) else None}
+                           for r in runs]
         print(f"history {h}: {json.dumps(row)}", file=sys.stderr, flush=True)
         out["results"].append(row)
     out["vs_full"] = vs_full(out["results"], args.W)
     print(json.dumps(out, indent=1))
+
+
+def median_run(runs):
+    """The run with the median ms/token (the lower middle of an even count); runs that failed or
+    were skipped count only when no run has a time."""
+    timed = sorted((r for r in runs if isinstance(r, dict) and r.get("ms_per_tok")), key=lambda r: r["ms_per_tok"])
+    return timed[(len(timed) - 1) // 2] if timed else runs[0]
 
 
 def vs_full(results, W):

@@ -90,17 +90,21 @@ def window_recompute(model, s, device, modes, reps=5):
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 s._forward_window(E)
                 synchronize(device.type)
-            kinds = {}
+            kinds, names = {}, {}
             for e in prof.events():
                 if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
-                    k = kinds.setdefault(kernel_kind(e.name), [0, 0.0])
-                    k[0] += 1
-                    k[1] += e.device_time_total / 1e3
+                    for table, key in ((kinds, kernel_kind(e.name)), (names, e.name[:100])):
+                        k = table.setdefault(key, [0, 0.0])
+                        k[0] += 1
+                        k[1] += e.device_time_total / 1e3
             ms = float(np.median(ts))
             out["modes"][mode] = {"compile_s": round(compile_s, 1), "ms": round(ms, 3), "ms_all": ts,
                                   "tflop_per_s": round(flops / ms / 1e9, 1),
                                   "kernels": {k: {"calls": n, "ms": round(t, 3)} for k, (n, t) in
-                                              sorted(kinds.items(), key=lambda kv: -kv[1][1])}}
+                                              sorted(kinds.items(), key=lambda kv: -kv[1][1])},
+                                  # where the elementwise time goes: the kernels that take most of it
+                                  "top_kernels": [{"kernel": k, "kind": kernel_kind(k), "calls": n, "ms": round(t, 3)}
+                                                  for k, (n, t) in sorted(names.items(), key=lambda kv: -kv[1][1])[:12]]}
         except Exception as e:   # one mode failing (an autotune, a compile) leaves the others' figures
             out["modes"][mode] = {"error": f"{type(e).__name__}: {e}"[:600]}
     MemorySession.window_mode = None

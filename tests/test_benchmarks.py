@@ -94,6 +94,21 @@ def test_bench_decode_cpu_smoke():
     assert v["bound"] == pytest.approx(full[128] / full[64], rel=1e-2), "full(h) / full(W)"
 
 
+def test_bench_decode_repeat_alternates_and_reports_the_median():
+    from scripts.bench_decode import median_run
+    assert median_run([{"ms_per_tok": 3.0}, {"ms_per_tok": 1.0}, {"ms_per_tok": 2.0}]) == {"ms_per_tok": 2.0}
+    assert median_run([{"ms_per_tok": 3.0}, {"ms_per_tok": 1.0}]) == {"ms_per_tok": 1.0}
+    assert median_run([{"oom": "prefill"}, {"ms_per_tok": 4.0}]) == {"ms_per_tok": 4.0}
+    assert median_run(["skipped", "skipped"]) == "skipped"
+    out = run_json("scripts.bench_decode", "--depth", "1", "--vocab", "256", "--W", "64", "--K", "8",
+                   "--histories", "128", "--steps", "4", "--max-full", "256", "--device", "cpu", "--repeat", "2", timeout=240)
+    row = out["results"][0]
+    assert len(row["runs"]) == 2 and all(r["mc_ms_per_tok"] and r["full_ms_per_tok"] for r in row["runs"])
+    assert row["mc"]["ms_per_tok"] == min(r["mc_ms_per_tok"] for r in row["runs"])   # the lower middle of 2
+    for r in row["runs"]:
+        assert r["mc_speedup"] == pytest.approx(r["full_ms_per_tok"] / r["mc_ms_per_tok"], rel=1e-2)
+
+
 def test_bench_decode_step_breakdown_cpu_smoke():
     """--step-breakdown on CPU: the static variant's per-token loop (replays and kernels are CUDA-only)."""
     out = run_json("scripts.bench_decode", "--depth", "1", "--vocab", "256", "--W", "64", "--step-breakdown",
