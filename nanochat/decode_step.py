@@ -63,43 +63,46 @@ class GraphedFn:
         self.fn, self.max_graphs, self.graphs = fn, max_graphs, {}
         self.disabled = None   # why graphs are off for this fn (a capture failed or disagreed), else None
 
-    def __call__(self, x):
-        if not x.is_cuda or self.disabled:
-            return self.fn(x)
-        key = (tuple(x.shape), x.dtype)
+    def __call__(self, *xs):
+        """xs: tensors (or None); the first one's device decides."""
+        if not xs[0].is_cuda or self.disabled:
+            return self.fn(*xs)
+        key = tuple(None if x is None else (tuple(x.shape), x.dtype) for x in xs)
         g = self.graphs.get(key)
         if g is None:
             if len(self.graphs) >= self.max_graphs:
-                return self.fn(x)
+                return self.fn(*xs)
             try:
-                g = self._capture(x)
+                g = self._capture(xs)
             except Exception as e:   # a graph is an optimization: never a reason to fail the call
                 self.disabled = f"{type(e).__name__}: {e}"
                 warnings.warn(f"GraphedFn: no CUDA graph ({self.disabled}); running eagerly")
-                return self.fn(x)
+                return self.fn(*xs)
             self.graphs[key] = g
-        graph, inp, out = g
-        inp.copy_(x)
+        graph, inps, out = g
+        for inp, x in zip(inps, xs):
+            if inp is not None:
+                inp.copy_(x)
         graph.replay()
         return out.clone()
 
-    def _capture(self, x):
-        inp = x.clone()
+    def _capture(self, xs):
+        inps = [None if x is None else x.clone() for x in xs]
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):   # warmup: lazy init, allocator (the PyTorch docs' recipe)
             for _ in range(2):
-                self.fn(inp)
+                self.fn(*inps)
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            out = self.fn(inp)
-        graph.replay()   # checked once against the eager call: a broken capture must not write gists
-        want = self.fn(x)
+            out = self.fn(*inps)
+        graph.replay()   # checked once against the eager call: a broken capture must not be used
+        want = self.fn(*xs)
         if out.shape != want.shape or not torch.allclose(out.float(), want.float(), rtol=1e-2, atol=1e-2):
             raise RuntimeError(f"the replay differs from the eager call (max |diff| "
                                f"{(out.float() - want.float()).abs().max().item():.3g})")
-        return graph, inp, out
+        return graph, inps, out
 
 
 def cache_dtype(model):

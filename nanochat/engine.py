@@ -296,6 +296,7 @@ class MemorySession:
         self._step = None                          # the DecodeStep, made at the first one-entry forward
         self._host_tok = self._tok_ready = None    # pipelined decode's pinned token buffer and its event
         self._window = None                        # decode="compiled"/"fused": the whole-window recompute (_forward_window)
+        self._lens_fn = None                       # refocus's LensNet call (_lens_scores; a GraphedFn unless dynamic)
         self._since_refocus = 0
         self.last_recomputed = 0
         self.last_decode = (0, 0.0)                # tokens and seconds of the last generate() call
@@ -623,17 +624,19 @@ class MemorySession:
         prep_ms = (time.perf_counter() - t0) * 1e3
 
         def lens():   # LensNet's scores ("lens", "union"): "match" and "match_top" never run it
-            # the integer inputs in one host->device copy
-            ints = torch.from_numpy(np.concatenate([recent_np, self.wc.starts, self.wc.widths, lv]).astype(np.int64)).to(dev)
-            recent, starts, widths, lvd = ints.split([len(recent_np), E, E, E])
+            # the window padded to W entries (masked: padding never reaches a valid entry), so that
+            # every refocus has one shape and on CUDA replays one graph (_lens_scores); the integer
+            # inputs in one host->device copy
+            pad = self.W - E
+            ints = torch.from_numpy(np.concatenate([recent_np, np.pad(self.wc.starts, (0, pad)),
+                                                    np.pad(self.wc.widths, (0, pad), constant_values=1),
+                                                    np.pad(lv, (0, pad)), [E, N]]).astype(np.int64)).to(dev)
             # LensNet reads the match only if it was trained to (lens_match): "union" on another
             # model computes the mass for match_top alone
-            match = torch.from_numpy(mass).float()[None].to(dev) if self.model.config.lens_match else None
-            feat = lens_features(starts[None], widths[None], N, match)
-            with self.autocast:
-                sc = self.model.lensnet(self.emb[:E][None], lvd[None], feat,
-                                        self.model.lens_queries(recent[None], t), torch.ones(1, E, dtype=torch.bool, device=dev))
-            return sc[0].float().cpu().numpy()
+            match = torch.from_numpy(np.pad(mass, (0, pad))).float().to(dev) if self.model.config.lens_match else None
+            if self._lens_fn is None:
+                self._lens_fn = GraphedFn(self._lens_scores) if self.decode != "dynamic" else self._lens_scores
+            return self._lens_fn(ints, match)[:E].float().cpu().numpy()
         scores = focus_scores(self.focus_by, self.wc, mass, lens)
         lens_ms = (time.perf_counter() - t0) * 1e3
         tel = self.focus.refocus(self.wc, scores)
@@ -646,6 +649,20 @@ class MemorySession:
         self.counters["refocus_ms"] += tel["ms"]
         self.counters["edits"] += tel["expanded"] + tel["collapsed"]
         return tel
+
+    @torch.no_grad()
+    def _lens_scores(self, ints, match):
+        """LensNet over all W slots of emb: ints = [recent tokens, starts, widths, levels (W
+        each, padded), E, N] (refocus). Returns the (W,) scores, 0 past E."""
+        W = self.W
+        r = ints.numel() - 3 * W - 2
+        recent, starts, widths, lvd, en = ints.split([r, W, W, W, 2])
+        valid = torch.arange(W, device=ints.device) < en[0]
+        with no_cache_autocast(self.autocast):
+            feat = lens_features(starts[None], widths[None], en[1], None if match is None else match[None])
+            sc = self.model.lensnet(self.emb[None], lvd[None], feat, self.model.lens_queries(recent[None], min(self.K, r)),
+                                    valid[None])
+        return sc[0]
 
     @torch.no_grad()
     def generate(self, max_tokens, temperature=1.0, top_k=None, seed=42, stop_tokens=()):

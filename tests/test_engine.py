@@ -179,6 +179,44 @@ def test_a_failed_step_leaves_no_stale_row():
     assert torch.equal(s.emb[:len(s.wc)], reference_emb(s)[0].to(s.emb.dtype))
 
 
+@pytest.mark.parametrize("lens_match", [False, True])
+def test_refocus_scores_the_window_padded_to_W(lens_match):
+    """refocus runs LensNet over all W slots, the padding masked (one shape: one CUDA graph on
+    CUDA): the scores of the real entries are the unpadded call's."""
+    from nanochat.gpt import lens_features
+    from nanochat.decode_step import GraphedFn
+    model = make_model()
+    model.config.lens_match = lens_match
+    if lens_match:
+        model.lensnet.match_gain = torch.nn.Parameter(torch.ones(()))
+    s = MemorySession(model, W=W, focus="lens")
+    s.ingest(np.arange(300) % V)
+    s.logits()
+    s.ingest([3, 9])
+    s.wc.apply(collapse=[int(s.wc.collapse_groups()[-1])])   # a window short of W: padding to see
+    s.logits()
+    seen = {}
+    real = s._lens_scores
+
+    def spy(ints, match):
+        out = real(ints, match)
+        seen.update(ints=ints.clone(), match=None if match is None else match.clone(), out=out.clone())
+        return out
+    s._lens_scores = spy
+    lv, E, N = s.wc.levels.copy(), len(s.wc), s.wc.num_tokens
+    starts, widths = s.wc.starts.copy(), s.wc.widths.copy()
+    s.refocus()
+    assert isinstance(s._lens_fn, GraphedFn) and not s._lens_fn.graphs and E < W   # padded: W - E slots
+    recent = torch.from_numpy(s.tree.tokens(N - K, N).astype(np.int64))[None]
+    match = seen["match"][:E][None] if lens_match else None
+    with torch.no_grad():
+        feat = lens_features(torch.from_numpy(starts)[None], torch.from_numpy(widths)[None], N, match)
+        ref = model.lensnet(s.emb[:E][None], torch.from_numpy(lv)[None], feat, model.lens_queries(recent, K),
+                            torch.ones(1, E, dtype=torch.bool))[0]
+    torch.testing.assert_close(seen["out"][:E], ref, atol=1e-5, rtol=1e-5)
+    assert not seen["out"][E:].any()
+
+
 def test_one_block_gists_go_through_graphed_fn():
     """While decoding, the block a token completes gets its gist through a GraphedFn per level
     (a CUDA graph on CUDA, the eager call elsewhere): the tree holds exactly the eager gists."""
