@@ -36,7 +36,25 @@ except Exception:
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+_FIXED_SHAPE = False   # fixed_shape(): the caller's shapes never change, so cuDNN's per-shape plan is built once
+
+
+@contextlib.contextmanager
+def fixed_shape(on=True):
+    """Calls inside may use cuDNN SDPA in inference too (self-attention, no mask): for a forward
+    whose shapes never change (MemorySession's whole-window recompute, window_cudnn), where the
+    per-shape plan cost is paid once. Read when a compiled caller is traced."""
+    global _FIXED_SHAPE
+    prev, _FIXED_SHAPE = _FIXED_SHAPE, bool(on)
+    try:
+        yield
+    finally:
+        _FIXED_SHAPE = prev
+
+
 def _avoid_cudnn(q, Tq, Tk, attn_mask):
+    if _FIXED_SHAPE and Tq == Tk and attn_mask is None:
+        return False
     return q.is_cuda and (Tq != Tk or attn_mask is not None or not torch.is_grad_enabled())
 
 

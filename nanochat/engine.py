@@ -48,7 +48,7 @@ import torch
 from nanochat.common import fail, atomic_write_json, atomic_write_bytes, autocast_ctx, lock_dir
 from nanochat.gpt import lens_features
 from nanochat.decode_step import DecodeStep, DECODE_MODES, sample_next, qkv_modules, cache_dtype, check_decode, GraphedFn, no_cache_autocast  # noqa: F401 (re-exported)
-from nanochat.attention import KVCache
+from nanochat.attention import KVCache, fixed_shape
 from megacontext.match import MatchIndex
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import WorkingContext
@@ -193,6 +193,7 @@ class MemorySession:
     ingest_chunk = 16384  # tokens per tree append during ingest (one progress callback each)
     pipeline = True       # generate(): queue each step before the host appends the token (_queue_step)
     window_mode = None    # torch.compile mode of the whole-window recompute (bench_materialize --window-modes)
+    window_cudnn = False  # let that recompute (one fixed shape) use cuDNN attention (opt-in until measured)
 
     def __init__(self, model, W=None, path=None, model_id=None, autocast=None, n_diff=4, tail=None, durable=False,
                  decode="static", focus=DEFAULT_FOCUS):
@@ -520,7 +521,7 @@ class MemorySession:
             m.qkv_weight()
         self._last.fill_(E - 1)
         self.cache.truncate(0)
-        with self.autocast:
+        with self.autocast, fixed_shape(self.window_cudnn):
             logits = self._window(self.emb[None], pos, sigma, self._last)
         self.cache.truncate(E)
         return logits

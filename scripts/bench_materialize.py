@@ -73,15 +73,20 @@ def window_recompute(model, s, device, modes, reps=5):
     block = sum(p.numel() for p in model.transformer.h[0].parameters() if p.dim() == 2)
     flops = 2 * block * L * W + 2 * W * W * d * L   # matmuls (all W slots run) + causal QK^T and PV
     out = {"entries": E, "slots": W, "tflop": round(flops / 1e12, 3), "modes": {}}
+    first = None
     for mode in modes:
         try:
             torch._dynamo.reset()
-            s._window, MemorySession.window_mode = None, (None if mode == "default" else mode)
+            # "cudnn": the default compile with cuDNN attention allowed (MemorySession.window_cudnn)
+            s._window, MemorySession.window_mode = None, (None if mode in ("default", "cudnn") else mode)
+            MemorySession.window_cudnn = mode == "cudnn"
             t0 = time.perf_counter()
             s.cache.truncate(0)
-            s._forward_window(E)   # compile (and autotune)
+            logits = s._forward_window(E).float()   # compile (and autotune)
             synchronize(device.type)
             compile_s = time.perf_counter() - t0
+            diff = None if first is None else round((logits - first).abs().max().item(), 5)
+            first = logits if first is None else first
             ts = []
             for _ in range(reps):
                 s.cache.truncate(0)
@@ -99,6 +104,7 @@ def window_recompute(model, s, device, modes, reps=5):
                         k[1] += e.device_time_total / 1e3
             ms = float(np.median(ts))
             out["modes"][mode] = {"compile_s": round(compile_s, 1), "ms": round(ms, 3), "ms_all": ts,
+                                  "max_abs_diff_vs_first_mode": diff,
                                   "tflop_per_s": round(flops / ms / 1e9, 1),
                                   "kernels": {k: {"calls": n, "ms": round(t, 3)} for k, (n, t) in
                                               sorted(kinds.items(), key=lambda kv: -kv[1][1])},
@@ -107,7 +113,7 @@ def window_recompute(model, s, device, modes, reps=5):
                                                   for k, (n, t) in sorted(names.items(), key=lambda kv: -kv[1][1])[:12]]}
         except Exception as e:   # one mode failing (an autotune, a compile) leaves the others' figures
             out["modes"][mode] = {"error": f"{type(e).__name__}: {e}"[:600]}
-    MemorySession.window_mode = None
+    MemorySession.window_mode, MemorySession.window_cudnn = None, False
     s.cache.truncate(0)
     s._window = None
     s.logits()
@@ -125,8 +131,9 @@ def main():
     ap.add_argument("--histories", default="131072,1048576")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default=None)
-    ap.add_argument("--window-modes", default="default", help="GPU: torch.compile modes to time the whole-window "
-                    "recompute under, comma-separated (e.g. default,max-autotune-no-cudagraphs); empty = skip")
+    ap.add_argument("--window-modes", default="default,cudnn", help="GPU: torch.compile modes to time the whole-window "
+                    "recompute under, comma-separated (e.g. default,cudnn,max-autotune-no-cudagraphs; cudnn = default "
+                    "with cuDNN attention, MemorySession.window_cudnn); empty = skip")
     args = ap.parse_args()
     device = torch.device(args.device or autodetect_device_type())
     args.pos_scheme, args.lens_match = "entry", False

@@ -240,6 +240,12 @@ def test_cudnn_attention_only_for_training_shapes():
     with torch.inference_mode():
         assert _avoid_cudnn(gpu, 64, 64, None)
     assert not _avoid_cudnn(SimpleNamespace(is_cuda=False), 8, 64, None)  # CPU has no cuDNN SDPA
+    from nanochat.attention import fixed_shape
+    with torch.no_grad(), fixed_shape():   # a forward whose shape never changes may (window_cudnn)
+        assert not _avoid_cudnn(gpu, 64, 64, None)
+        assert _avoid_cudnn(gpu, 8, 64, None) and _avoid_cudnn(gpu, 4, 4, mask)
+    with torch.no_grad():
+        assert _avoid_cudnn(gpu, 64, 64, None)   # and only inside
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2])
