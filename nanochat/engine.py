@@ -19,10 +19,16 @@ ingest -> refocus -> decode, chunked by K.
   layout and the current WC, so any edit (append-collapse, refocus, or a direct WC edit)
   invalidates exactly the entries from its first changed one; those are recomputed in one
   chunked forward. This is exact: a node's content never changes (the tree is append-only) and
-  its position depends only on its slot ("entry") or on the node itself ("gaussian").
+  its position depends only on its slot ("entry") or on the node itself ("gaussian"). For the
+  same reason the entry embeddings behind an edit move within the window buffer (emb) instead of
+  being read from the tree again (_materialize).
 - generate(): sample, append the token to memory (tree + WC), refocus every K generated tokens.
   Pipelined (MemorySession.pipeline): when the next token is a plain tail append, its step is
   queued on the device before the host reads the token, so the host's tree/WC append overlaps it.
+  The host is what bounds this loop on a GPU (bench_decode host_wait_ms_per_tok), so the per-token
+  and per-refocus work is kept to few launches: the step embeds the token into emb itself
+  (DecodeStep emb_out), and the one-block GistNet calls and refocus's LensNet call (over the window
+  padded to W: one shape) replay CUDA graphs (decode_step.GraphedFn).
 - Model inputs come only from model.entry_embeddings (LOD0 ids from tree.tokens, gists from
   tree.gists), so inference sees what training sees. LensNet gets those entry embeddings,
   lens_features(starts, widths, N, query match) and the token embeddings of the last K tokens;
