@@ -8,6 +8,8 @@ decode step that Engine and MemorySession (nanochat/engine.py) share.
   Triton kernels of nanochat/decode_kernels.py (decode="fused").
 - sample_next: temperature / top-k sampling with torch.multinomial's own draw, minus the
   validity check that synced the host with the step in flight.
+- GraphedFn: a small call made often at one shape (MemorySession's one-block GistNet calls and
+  its refocus's LensNet call) as a CUDA graph, checked once against the eager call.
 """
 import warnings
 import contextlib
