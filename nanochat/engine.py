@@ -200,6 +200,7 @@ class MemorySession:
     pipeline = True       # generate(): queue each step before the host appends the token (_queue_step)
     window_mode = None    # torch.compile mode of the whole-window recompute (bench_materialize --window-modes)
     window_cudnn = False  # let that recompute (one fixed shape) use cuDNN attention (opt-in until measured)
+    lens_bucket = 256     # refocus pads the window to a multiple of this (<= W) for LensNet: few shapes, few graphs
 
     def __init__(self, model, W=None, path=None, model_id=None, autocast=None, n_diff=4, tail=None, durable=False,
                  decode="static", focus=DEFAULT_FOCUS):
@@ -631,19 +632,20 @@ class MemorySession:
         prep_ms = (time.perf_counter() - t0) * 1e3
 
         def lens():   # LensNet's scores ("lens", "union"): "match" and "match_top" never run it
-            # the window padded to W entries (masked: padding never reaches a valid entry), so that
-            # every refocus has one shape and on CUDA replays one graph (_lens_scores); the integer
-            # inputs in one host->device copy
-            pad = self.W - E
-            ints = torch.from_numpy(np.concatenate([recent_np, np.pad(self.wc.starts, (0, pad)),
+            # the window padded to a multiple of lens_bucket entries (masked: padding never reaches
+            # a valid entry), so that refocus sees few shapes and on CUDA replays a graph per shape
+            # (_lens_scores; a full window is one); the integer inputs in one host->device copy
+            Ep = min(self.W, -(-E // self.lens_bucket) * self.lens_bucket)
+            pad = Ep - E
+            ints = torch.from_numpy(np.concatenate([np.pad(self.wc.starts, (0, pad)),
                                                     np.pad(self.wc.widths, (0, pad), constant_values=1),
-                                                    np.pad(lv, (0, pad)), [E, N]]).astype(np.int64)).to(dev)
+                                                    np.pad(lv, (0, pad)), recent_np, [E, N]]).astype(np.int64)).to(dev)
             # LensNet reads the match only if it was trained to (lens_match): "union" on another
             # model computes the mass for match_top alone
             match = torch.from_numpy(np.pad(mass, (0, pad))).float().to(dev) if self.model.config.lens_match else None
             if self._lens_fn is None:
                 self._lens_fn = GraphedFn(self._lens_scores) if self.decode != "dynamic" else self._lens_scores
-            return self._lens_fn(ints, match)[:E].float().cpu().numpy()
+            return self._lens_fn(ints[:3 * Ep].view(3, Ep), ints[3 * Ep:], match)[:E].float().cpu().numpy()
         scores = focus_scores(self.focus_by, self.wc, mass, lens)
         lens_ms = (time.perf_counter() - t0) * 1e3
         tel = self.focus.refocus(self.wc, scores)
@@ -658,16 +660,17 @@ class MemorySession:
         return tel
 
     @torch.no_grad()
-    def _lens_scores(self, ints, match):
-        """LensNet over all W slots of emb: ints = [recent tokens, starts, widths, levels (W
-        each, padded), E, N] (refocus). Returns the (W,) scores, 0 past E."""
-        W = self.W
-        r = ints.numel() - 3 * W - 2
-        recent, starts, widths, lvd, en = ints.split([r, W, W, W, 2])
-        valid = torch.arange(W, device=ints.device) < en[0]
+    def _lens_scores(self, rows, extra, match):
+        """LensNet over the first Ep slots of emb (refocus): rows (3, Ep) = the entries' starts,
+        widths and levels, padded; extra = [recent tokens..., E, N]; match (Ep,) or None.
+        Returns the (Ep,) scores, 0 past E."""
+        Ep, r = rows.size(1), extra.numel() - 2
+        starts, widths, lvd = rows
+        recent, en = extra[:r], extra[r:]
+        valid = torch.arange(Ep, device=rows.device) < en[0]
         with no_cache_autocast(self.autocast):
             feat = lens_features(starts[None], widths[None], en[1], None if match is None else match[None])
-            sc = self.model.lensnet(self.emb[None], lvd[None], feat, self.model.lens_queries(recent[None], min(self.K, r)),
+            sc = self.model.lensnet(self.emb[:Ep][None], lvd[None], feat, self.model.lens_queries(recent[None], min(self.K, r)),
                                     valid[None])
         return sc[0]
 

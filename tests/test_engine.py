@@ -196,17 +196,21 @@ def test_refocus_scores_the_window_padded_to_W(lens_match):
     s.wc.apply(collapse=[int(s.wc.collapse_groups()[-1])])   # a window short of W: padding to see
     s.logits()
     seen = {}
-    real = s._lens_scores
 
-    def spy(ints, match):
-        out = real(ints, match)
-        seen.update(ints=ints.clone(), match=None if match is None else match.clone(), out=out.clone())
-        return out
-    s._lens_scores = spy
+    def spy_on(sess):
+        real = sess._lens_scores
+
+        def spy(rows, extra, match):
+            out = real(rows, extra, match)
+            seen.update(rows=rows.clone(), match=None if match is None else match.clone(), out=out.clone())
+            return out
+        sess._lens_scores = spy
+    spy_on(s)
     lv, E, N = s.wc.levels.copy(), len(s.wc), s.wc.num_tokens
     starts, widths = s.wc.starts.copy(), s.wc.widths.copy()
     s.refocus()
     assert isinstance(s._lens_fn, GraphedFn) and not s._lens_fn.graphs and E < W   # padded: W - E slots
+    assert seen["rows"].shape == (3, W)   # a multiple of lens_bucket, at most W
     recent = torch.from_numpy(s.tree.tokens(N - K, N).astype(np.int64))[None]
     match = seen["match"][:E][None] if lens_match else None
     with torch.no_grad():
@@ -215,6 +219,12 @@ def test_refocus_scores_the_window_padded_to_W(lens_match):
                             torch.ones(1, E, dtype=torch.bool))[0]
     torch.testing.assert_close(seen["out"][:E], ref, atol=1e-5, rtol=1e-5)
     assert not seen["out"][E:].any()
+    # a wide window pads only to the next multiple of lens_bucket (a short memory stays cheap)
+    s2 = MemorySession(model, W=1000, focus="lens")
+    s2.ingest(np.arange(300) % V)
+    spy_on(s2)
+    s2.refocus()
+    assert len(s2.wc) == 300 and seen["rows"].shape == (3, 512)
 
 
 def test_one_block_gists_go_through_graphed_fn():
