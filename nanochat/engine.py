@@ -28,7 +28,7 @@ ingest -> refocus -> decode, chunked by K.
   The host is what bounds this loop on a GPU (bench_decode host_wait_ms_per_tok), so the per-token
   and per-refocus work is kept to few launches: the step embeds the token into emb itself
   (DecodeStep emb_out), and the one-block GistNet calls and refocus's LensNet call (over the window
-  padded to W: one shape) replay CUDA graphs (decode_step.GraphedFn).
+  padded to a multiple of 256 entries: few shapes) replay CUDA graphs (decode_step.GraphedFn).
 - Model inputs come only from model.entry_embeddings (LOD0 ids from tree.tokens, gists from
   tree.gists), so inference sees what training sees. LensNet gets those entry embeddings,
   lens_features(starts, widths, N, query match) and the token embeddings of the last K tokens;
