@@ -191,7 +191,7 @@ def bench_mc(model, ids, args, device, autocast, root):
                 "pipelined_per_tok": round(c["pipelined"] / args.steps, 3),
                 # the host blocked on the device for the sampled token: ~0 means the loop is host-bound
                 "host_wait_ms_per_tok": round(wait / args.steps * 1e3, 3),
-                "gist_graph_exact": gist_exact,
+                "gist_graph_exact": gist_exact, "window_cudnn": s.window_cudnn,
                 **({"phases": phases} if phases else {})}
     finally:
         s.close()
@@ -261,6 +261,7 @@ def profiler(device):
 def measure(args, h, mode):
     """One (history, mode) measurement in this process: what a child prints."""
     device = torch.device(args.device or autodetect_device_type())
+    MemorySession.window_cudnn = args.window_cudnn
     model = build(args, device)
     autocast = autocast_ctx(device.type)
     ids = np.random.default_rng(h).integers(0, args.vocab, size=h, dtype=np.int64)
@@ -519,6 +520,8 @@ def main():
     ap.add_argument("--lens-match", action="store_true", help="LensNet reads the query-match feature (GPTConfig.lens_match)")
     ap.add_argument("--focus", default="lens", choices=FOCUS_POLICIES,
                     help="MemorySession's refocus scorer (default lens, as the README's decode figures; chat's default is union)")
+    ap.add_argument("--window-cudnn", action="store_true", help="MC: the whole-window recompute may use cuDNN "
+                    "attention (MemorySession.window_cudnn; decode compiled/fused)")
     ap.add_argument("--repeat", type=int, default=1, help="measure each history's MC and full attention this many "
                     "times, alternating (the machine's drift shows in the pairs); rows report the median run")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)  # "history,mode": one measurement
@@ -548,7 +551,7 @@ def main():
            "torch_threads": torch.get_num_threads(), "config": {k: getattr(cfg, k) for k in
            ("n_layer", "n_embd", "vocab_size", "mc_block_size", "mc_max_level", "pos_scheme", "lens_match")},
            "focus": args.focus,
-           "W": args.W, "steps": args.steps, "decode": args.decode, "pipeline": not args.no_pipeline, "dtype": args.dtype, "mem": "peak_gpu_mb" if device.type == "cuda" else "rss_mb",
+           "W": args.W, "steps": args.steps, "decode": args.decode, "pipeline": not args.no_pipeline, "window_cudnn": args.window_cudnn, "dtype": args.dtype, "mem": "peak_gpu_mb" if device.type == "cuda" else "rss_mb",
            "isolation": "one process per measurement", "results": []}
     for h in histories:
         runs = [{"mc": run_child(argv, h, "mc"), "full": "skipped" if h > args.max_full else run_child(argv, h, "full")}

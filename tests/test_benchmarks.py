@@ -109,9 +109,10 @@ def test_bench_decode_repeat_alternates_and_reports_the_median(monkeypatch, caps
         return {"ms_per_tok": {"mc": 2.0, "full": 8.0}[mode] + len(calls) / 10}
     monkeypatch.setattr(bd, "run_child", fake)
     monkeypatch.setattr(sys, "argv", ["bench_decode", "--depth", "1", "--W", "64", "--histories", "64,128",
-                                      "--max-full", "64", "--device", "cpu", "--repeat", "3"])
+                                      "--max-full", "64", "--device", "cpu", "--repeat", "3", "--window-cudnn"])
     bd.main()
     out = json.loads(capsys.readouterr().out)
+    assert out["window_cudnn"] is True
     # MC and full attention alternate per history; full is skipped past --max-full
     assert calls == [(64, "mc"), (64, "full")] * 3 + [(128, "mc")] * 3
     r64, r128 = out["results"]
@@ -147,8 +148,10 @@ def test_bench_decode_phases_and_pipeline_switch(tmp_path):
     args = ("--depth", "1", "--vocab", "256", "--W", "64", "--K", "8", "--histories", "1024", "--steps", "40",
             "--max-full", "0", "--device", "cpu", "--phases")
     on = run_json("scripts.bench_decode", *args, timeout=240)
-    off = run_json("scripts.bench_decode", *args, "--no-pipeline", timeout=240)
+    off = run_json("scripts.bench_decode", *args, "--no-pipeline", "--window-cudnn", timeout=240)
     assert on["pipeline"] is True and off["pipeline"] is False
+    # --window-cudnn reaches the measuring child's MemorySession (a no-op on CPU)
+    assert on["results"][0]["mc"]["window_cudnn"] is False and off["results"][0]["mc"]["window_cudnn"] is True
     mc_on, mc_off = on["results"][0]["mc"], off["results"][0]["mc"]
     assert mc_on["pipelined_per_tok"] > 0.5 and mc_off["pipelined_per_tok"] == 0
     for mc in (mc_on, mc_off):
