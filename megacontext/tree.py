@@ -296,6 +296,13 @@ class MegaContextTree:
             return g.to(torch.bfloat16).cpu().view(torch.int16).numpy().view(np.uint16)
         return g.to(torch.float16 if self.dtype == "fp16" else torch.float32).cpu().numpy()
 
+    def _finite(self, rows: np.ndarray) -> bool:
+        """Whether every encoded gist is finite (bf16/fp16: the exponent bits are not all ones)."""
+        if self.dtype in ("bf16", "fp16"):
+            exp = np.uint16(0x7F80 if self.dtype == "bf16" else 0x7C00)
+            return not bool(((rows.view(np.uint16) & exp) == exp).any())
+        return bool(np.isfinite(rows).all())
+
     def _decode(self, raw: np.ndarray) -> torch.Tensor:
         if self.dtype == "bf16":  # reinterpret the stored bits, then widen exactly
             return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float()
@@ -334,10 +341,10 @@ class MegaContextTree:
                 out = gist_fn(l - 1, children)
                 if tuple(out.shape) != (n, self.dim) or not out.is_floating_point():
                     fail(f"gist_fn({l - 1}, ...) returned {out.dtype} {tuple(out.shape)}, expected float ({n}, {self.dim})")
-                if not bool(torch.isfinite(out).all()):  # also a device sync, so gist_s is honest on GPU
+                rows = self._encode(out)  # to the host: the one device sync (so gist_s is honest on GPU)
+                if not self._finite(rows):  # as stored: an fp16 tree also refuses what overflows fp16
                     fail(f"gist_fn({l - 1}, ...) returned non-finite values; refusing to store them")
                 tel["gist_s"] += time.perf_counter() - t
-                rows = self._encode(out)
                 tel["gist_calls"] += 1
                 lv.append(rows)
                 tel["new_nodes"][l] += n

@@ -264,7 +264,7 @@ class MemorySession:
             return
         # nodes emb already holds (slots [0, _emb_n)): an edit before them moved them to other
         # slots. Found by their first token (increasing along any layout) and level
-        o, dev = self._emb_n, self.device
+        o = self._emb_n
         src = np.full(n, -1, np.int64)
         if o:
             old_lv = self._lv[:o]
@@ -274,30 +274,50 @@ class MemorySession:
             hit = (old_start[p] == start) & (old_lv[p] == lv_)
             src[hit] = p[hit]
         moved = np.flatnonzero(src >= 0)
-        if len(moved):   # one gather, then one scatter: source and target rows may overlap
-            with _phase("mc.emb_move"):
-                rows_src, rows_dst = (torch.from_numpy(x).to(dev) for x in (src[moved], moved + a))
-                self.emb[rows_dst] = self.emb[rows_src]
+        if len(moved):
+            self._move_rows(src[moved], moved + a)
         self.counters["emb_reused"] = self.counters.get("emb_reused", 0) + len(moved)
         fresh = np.flatnonzero(src < 0)
         if len(fresh):   # the rest from the tree, in runs of one level with consecutive indices
             lvf, ixf = lv_[fresh], ix_[fresh]
             with _phase("mc.tree_read"):
-                tok, rows, parts = self._tree_rows(lvf, ixf)
-            with _phase("mc.emb_fresh"):
-                # every index in one host->device copy (each copy is a launch the device waits for)
-                nf = len(fresh)
-                grow = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-                meta = torch.from_numpy(np.concatenate([lvf, tok, fresh + a, grow])).to(dev)
-                lvd, tokd, dst, growd = meta.split([nf, nf, nf, len(grow)])
-                gists = self._gist_rows(nf, rows, parts, idx=growd)
-                emb = self.model.entry_embeddings(lvd[None], tokd[None], gists[None])[0].to(self.emb.dtype)
-                if nf == n:
-                    self.emb[a:E] = emb
-                else:
-                    self.emb.index_copy_(0, dst, emb)
+                tree_rows = self._tree_rows(lvf, ixf)
+            self._fresh_rows(lvf, fresh + a, tree_rows, whole=len(fresh) == n)
         self._lv[a:E], self._ix[a:E] = lv_, ix_
         self._known, self._emb_n = E, max(o, E)
+
+    def _move_rows(self, src, dst):
+        """emb rows src -> dst on the device, exactly: one gather, then one scatter (source and
+        target rows may overlap)."""
+        with _phase("mc.emb_move"):
+            rows = self._h2d(np.concatenate([src, dst]))
+            self.emb[rows[len(src):]] = self.emb[rows[:len(src)]]
+
+    def _fresh_rows(self, lv, dst, tree_rows, whole=False):
+        """Entry embeddings of the tree's rows (_tree_rows of entries at levels lv) into emb rows
+        dst: every index in one host->device copy (each blocking copy is a wait for the device)."""
+        tok, rows, parts = tree_rows
+        with _phase("mc.emb_fresh"):
+            nf = len(dst)
+            grow = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+            meta = self._h2d(np.concatenate([lv, tok, dst, grow]))
+            lvd, tokd, dstd, growd = meta.split([nf, nf, nf, len(grow)])
+            gists = self._gist_rows(nf, rows, parts, idx=growd)
+            emb = self.model.entry_embeddings(lvd[None], tokd[None], gists[None])[0].to(self.emb.dtype)
+            if whole:
+                self.emb[int(dst[0]):int(dst[0]) + nf] = emb
+            else:
+                self.emb.index_copy_(0, dstd, emb)
+
+    def _h2d(self, x):
+        """A host array (numpy or CPU tensor) on the device. On CUDA through pinned memory and
+        non_blocking: a copy from pageable memory synchronizes the stream, so the host would wait
+        for all the work it queued before (a refocus's copies then serialize host and device).
+        The pinned block is the caching host allocator's, kept until the copy is done."""
+        t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _tree_rows(self, lv, ix):
         """The tree's data for entries (lv, ix): token ids (0 at gist entries) and, for the gist
@@ -321,14 +341,14 @@ class MemorySession:
         gists = torch.zeros(n, self.config.n_embd, device=self.device)
         if parts:
             if idx is None:
-                idx = torch.from_numpy(np.concatenate(rows)).to(self.device)
-            gists[idx] = torch.cat(parts).to(self.device)
+                idx = self._h2d(np.concatenate(rows))
+            gists[idx] = self._h2d(torch.cat(parts))
         return gists
 
     def _positions(self, j, E, wc=None):
         if self.mc and self.config.pos_scheme == "gaussian":
             p, s = (wc or self.wc).positions("gaussian")
-            to = lambda x: torch.from_numpy(np.ascontiguousarray(x[j:E]))[None].to(self.device)  # noqa: E731
+            to = lambda x: self._h2d(np.ascontiguousarray(x[j:E]))[None]  # noqa: E731
             return to(p), to(s)
         return torch.arange(j, E, device=self.device)[None], None
 
@@ -429,8 +449,7 @@ class MemorySession:
             self._last, self._pos_w = torch.zeros(1, dtype=torch.long, device=dev), torch.arange(self.W, device=dev)[None]
         if self.config.pos_scheme == "gaussian":   # the window's positions, padded to W (values past E are unused)
             p, s = self.wc.positions("gaussian")
-            pos, sigma = (torch.from_numpy(np.pad(a, (0, self.W - len(a)), mode="edge"))[None].to(self.device)
-                          for a in (p, s))
+            pos, sigma = (self._h2d(np.pad(a, (0, self.W - len(a)), mode="edge"))[None] for a in (p, s))
         else:
             pos, sigma = self._pos_w, None
         for m in self._qkv_modules:   # the stacked q/k/v weights, fresh and set: the graph reads them as they are
@@ -444,7 +463,9 @@ class MemorySession:
 
     @torch.no_grad()
     def _gist_fn(self, child_level, children):
-        children = children.to(self.device)
+        # one block while decoding: pinned and non-blocking; ingest's big batches stay pageable
+        # (pinned blocks stay cached by the host allocator)
+        children = self._h2d(children) if children.size(0) == 1 else children.to(self.device)
         if children.is_floating_point():  # the tree widens gists to fp32; bf16 weights want bf16
             children = children.to(self.model.transformer.wte.weight.dtype)
         if children.size(0) == 1 and self.decode != "dynamic":
@@ -524,7 +545,7 @@ class MemorySession:
             return {"expanded": 0, "collapsed": 0, "first_changed": len(self), "len": len(self), "ms": 0.0}
         t0 = time.perf_counter()
         lv, ix = self._sync()
-        E, N, dev = len(lv), self.wc.num_tokens, self.device
+        E, N = len(lv), self.wc.num_tokens
         self._materialize(lv, ix, E)
         t = min(self.K, N)
         r = min(self.model.lens_context(t), N)
@@ -546,12 +567,11 @@ class MemorySession:
             # (_lens_scores; a full window is one); the integer inputs in one host->device copy
             Ep = min(self.W, -(-E // self.lens_bucket) * self.lens_bucket)
             pad = Ep - E
-            ints = torch.from_numpy(np.concatenate([np.pad(self.wc.starts, (0, pad)),
-                                                    np.pad(self.wc.widths, (0, pad), constant_values=1),
-                                                    np.pad(lv, (0, pad)), recent_np, [E, N]]).astype(np.int64)).to(dev)
+            ints = self._h2d(np.concatenate([np.pad(self.wc.starts, (0, pad)), np.pad(self.wc.widths, (0, pad), constant_values=1),
+                                             np.pad(lv, (0, pad)), recent_np, [E, N]]).astype(np.int64))
             # LensNet reads the match only if it was trained to (lens_match): "union" on another
             # model computes the mass for match_top alone
-            match = torch.from_numpy(np.pad(mass, (0, pad))).float().to(dev) if self.model.config.lens_match else None
+            match = self._h2d(np.pad(mass, (0, pad)).astype(np.float32)) if self.model.config.lens_match else None
             if self._lens_fn is None:
                 self._lens_fn = GraphedFn(self._lens_scores) if self.decode != "dynamic" else self._lens_scores
             return self._lens_fn(ints[:3 * Ep].view(3, Ep), ints[3 * Ep:], match)[:E].float().cpu().numpy()

@@ -10,6 +10,7 @@ full-attention KV decode of the same model over the whole history. Prints one JS
     python -m scripts.bench_decode --depth 20 --W 4096 --lens-match   # LensNet with the query-match feature
     python -m scripts.bench_decode --depth 20 --W 4096 --focus match  # refocus by query match alone
     python -m scripts.bench_decode --depth 20 --W 4096 --focus union --phases   # + where an MC token's time goes
+    python -m scripts.bench_decode --depth 20 --W 4096 --focus union --syncs    # + where the loop waits for the GPU
     python -m scripts.bench_decode --depth 20 --W 4096 --no-pipeline  # read each token before queuing its step
 
 Random init is fine for speed, but LensNet's head and the zero-init output projections are
@@ -65,7 +66,8 @@ class PhaseTimer:
     each call, so GPU time lands in the phase that queued it. The sync serializes host and device
     (and so turns pipelining off): the phases explain a run, the headline timing is the unsynced one."""
     PHASES = (("step", "_step"), ("recompute", "_forward"), ("recompute", "_forward_window"),
-              ("materialize", "_materialize"), ("window_sync", "_sync"), ("append", "_append"), ("refocus", "refocus"))
+              ("materialize", "_materialize"), ("emb_move", "_move_rows"), ("tree_read", "_tree_rows"),
+              ("emb_fresh", "_fresh_rows"), ("window_sync", "_sync"), ("append", "_append"), ("refocus", "refocus"))
 
     def __init__(self, s, device, sync=True):
         self.s, self.device, self.ms, self.calls, self.stack, self.saved = s, device, {}, {}, [], {}
@@ -115,6 +117,66 @@ class PhaseTimer:
         return {"ms_per_tok": out, "calls": self.calls}
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class SyncSites:
+    """--syncs: where the decode loop makes the host wait for the device. Under
+    torch.cuda.set_sync_debug_mode("warn") every synchronizing CUDA call (a blocking copy,
+    .item(), .cpu(), nonzero, ...) warns; each warning is charged to the innermost frame of this
+    repo's packages (roots) on the stack when it was raised, as "path:line (function)". Outside
+    CUDA only the recording runs (a test feeds it warnings)."""
+
+    def __init__(self, device, roots=("nanochat", "megacontext")):
+        self.device, self.roots, self.sites = device, tuple(os.path.join(REPO, r) + os.sep for r in roots), {}
+
+    def site(self):
+        import traceback
+        for fr in reversed(traceback.extract_stack()[:-1]):
+            if fr.filename.startswith(self.roots):
+                return f"{os.path.relpath(fr.filename, REPO)}:{fr.lineno} ({fr.name})"
+        return "other"
+
+    def __enter__(self):
+        import warnings
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.simplefilter("always")
+        self._show = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" in str(message):
+                k = self.site()
+                self.sites[k] = self.sites.get(k, 0) + 1
+            else:
+                self._show(message, category, filename, lineno, file, line)
+        warnings.showwarning = show
+        if self.device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+        self._catch.__exit__(*exc)
+
+    def per_token(self, steps):
+        return {"per_tok": round(sum(self.sites.values()) / steps, 3),
+                "sites": dict(sorted(self.sites.items(), key=lambda kv: -kv[1]))}
+
+
+ALLOC_KEYS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+
+
+def alloc_counts(device):
+    """The CUDA caching allocator's counters that cost the host: cudaMalloc/cudaFree calls,
+    retries after freeing the cache, whole-device syncs. {} off CUDA."""
+    if device.type != "cuda":
+        return {}
+    st = torch.cuda.memory_stats(device)
+    return {k: int(st.get(k, 0)) for k in ALLOC_KEYS}
+
+
 def bench_mc(model, ids, args, device, autocast, root):
     path = os.path.join(root, f"mc_{len(ids)}")
     shutil.rmtree(path, ignore_errors=True)
@@ -136,7 +198,7 @@ def bench_mc(model, ids, args, device, autocast, root):
         for _ in s.generate(max(args.warmup, s.K + 1), temperature=1.0, top_k=50, seed=1):
             pass
         synchronize(device.type)
-        c0, w0 = dict(s.counters), s.wait_s
+        c0, w0, a0 = dict(s.counters), s.wait_s, alloc_counts(device)
         t0 = time.perf_counter()
         tels = []
         with torch.profiler.record_function("bench.generate"):
@@ -146,6 +208,7 @@ def bench_mc(model, ids, args, device, autocast, root):
         synchronize(device.type)
         dt = time.perf_counter() - t0
         wait = s.wait_s - w0
+        alloc = {k: v - a0[k] for k, v in alloc_counts(device).items()}   # during the timed loop
         c = {k: s.counters.get(k, 0) - c0.get(k, 0) for k in
              ("recomputed", "reused", "refocus_calls", "refocus_ms", "edits", "pipelined")}
         phases = None
@@ -164,6 +227,12 @@ def bench_mc(model, ids, args, device, autocast, root):
                     pass
                 synchronize(device.type)
             phases["host_ms_per_tok"] = pt.per_token(args.steps, (time.perf_counter() - t1) * 1e3)["ms_per_tok"]
+        syncs = None
+        if args.syncs:   # the same number of steps again, every synchronizing call recorded (SyncSites)
+            with SyncSites(device) as ss:
+                for _ in s.generate(args.steps, temperature=1.0, top_k=50, seed=4):
+                    pass
+            syncs = ss.per_token(args.steps)
         # the decode loop's one-block gists ran as CUDA graphs (GraphedFn): the newest one must be
         # bit for bit the eager GistNet's
         n1 = s.tree.num_nodes(1)
@@ -192,6 +261,7 @@ def bench_mc(model, ids, args, device, autocast, root):
                 # the host blocked on the device for the sampled token: ~0 means the loop is host-bound
                 "host_wait_ms_per_tok": round(wait / args.steps * 1e3, 3),
                 "gist_graph_exact": gist_exact, "window_cudnn": s.window_cudnn,
+                **({"alloc": alloc} if alloc else {}), **({"syncs": syncs} if syncs else {}),
                 **({"phases": phases} if phases else {})}
     finally:
         s.close()
@@ -514,6 +584,8 @@ def main():
                     "queuing its step (MemorySession.pipeline = False)")
     ap.add_argument("--phases", action="store_true", help="MC: also time --steps more steps phase by phase "
                     "(device synchronized around each phase; see PhaseTimer)")
+    ap.add_argument("--syncs", action="store_true", help="MC: also run --steps more steps with every synchronizing "
+                    "CUDA call recorded by the source line that made it (torch.cuda.set_sync_debug_mode)")
     ap.add_argument("--profile", action="store_true", help="add each run's top ops (torch.profiler) to its result")
     ap.add_argument("--count-ops", action="store_true", help="only count the ops (and CUDA kernels) of one decode step")
     ap.add_argument("--step-breakdown", action="store_true", help="only time one decode step (replay, loop, kernels) at W")

@@ -147,7 +147,7 @@ def test_bench_decode_phases_and_pipeline_switch(tmp_path):
     scripts/plot_decode draws both runs, and refuses a JSON that is not a bench_decode result."""
     args = ("--depth", "1", "--vocab", "256", "--W", "64", "--K", "8", "--histories", "1024", "--steps", "40",
             "--max-full", "0", "--device", "cpu", "--phases")
-    on = run_json("scripts.bench_decode", *args, timeout=240)
+    on = run_json("scripts.bench_decode", *args, "--syncs", timeout=240)
     off = run_json("scripts.bench_decode", *args, "--no-pipeline", "--window-cudnn", timeout=240)
     assert on["pipeline"] is True and off["pipeline"] is False
     # --window-cudnn reaches the measuring child's MemorySession (a no-op on CPU)
@@ -166,7 +166,14 @@ def test_bench_decode_phases_and_pipeline_switch(tmp_path):
     # pipelined or not, a generated token's step embeds it on the device (DecodeStep emb_out):
     # materialize runs only for the entries an edit changed
     for mc in (mc_on, mc_off):
-        assert mc["phases"]["calls"]["step"] >= 30 > mc["phases"]["calls"]["materialize"]
+        calls = mc["phases"]["calls"]
+        assert calls["step"] >= 30 > calls["materialize"]
+        # materialize's parts are phases of their own: rows an edit moved, and rows from the tree
+        assert calls.get("emb_move", 0) + calls.get("tree_read", 0) >= 1
+        assert calls.get("tree_read", 0) == calls.get("emb_fresh", 0)
+    # --syncs: a third pass with synchronizing calls recorded; on CPU there are none. No CUDA
+    # allocator counters off CUDA
+    assert mc_on["syncs"] == {"per_tok": 0.0, "sites": {}} and "syncs" not in mc_off and "alloc" not in mc_on
     runs = []
     for name, res in (("on", on), ("off", off)):
         runs.append(f"{name}={tmp_path / name}.json")
@@ -262,3 +269,27 @@ def test_bench_decode_kernels_refuses_without_a_gpu():
     import sys
     r = subprocess.run([sys.executable, "-m", "scripts.bench_decode_kernels"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "CUDA" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bench_decode_sync_sites_charge_each_sync_to_the_repo_line_that_made_it():
+    """--syncs: a synchronizing-op warning (what torch.cuda.set_sync_debug_mode("warn") raises)
+    is counted at the innermost repo frame; other warnings still reach their usual handler."""
+    import warnings
+    from scripts.bench_decode import SyncSites
+
+    def sync_here():
+        warnings.warn("called a synchronizing CUDA operation", UserWarning)
+    seen = []
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *a, **k: seen.append(str(message))
+        with SyncSites(torch.device("cpu"), roots=("tests",)) as ss:
+            for _ in range(3):
+                sync_here()
+            line = sync_here.__code__.co_firstlineno + 1
+            warnings.warn("unrelated", UserWarning)
+    assert seen == ["unrelated"]
+    out = ss.per_token(steps=2)
+    assert out == {"per_tok": 1.5, "sites": {f"tests/test_benchmarks.py:{line} (sync_here)": 3}}
+    with SyncSites(torch.device("cpu"), roots=("megacontext",)) as ss:   # no repo frame: "other"
+        sync_here()
+    assert ss.sites == {"other": 1}

@@ -255,6 +255,25 @@ def test_bad_inputs_are_user_errors():
         MegaContextTree(model_id="x" * 33)
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_non_finite_gists_are_refused_as_stored(dtype):
+    """The check reads the encoded rows: inf or nan in any one value is refused at every
+    storage dtype, and so is an fp32 gist that overflows the fp16 records; nothing is stored."""
+    for bad in (float("nan"), float("inf"), float("-inf")) + ((1e6,) if dtype == "fp16" else ()):
+        t = MegaContextTree(K=4, dim=WDIM, dtype=dtype)
+
+        def gist(lvl, ch, bad=bad):
+            out = torch.randn(ch.shape[0], WDIM)
+            out[-1, 3] = bad
+            return out
+        with pytest.raises(UserError, match="non-finite"):
+            t.append(np.arange(8), gist)
+        assert t.num_nodes(1) == 0
+    t = MegaContextTree(K=4, dim=WDIM, dtype=dtype)   # large but finite values are kept
+    t.append(np.arange(8), lambda lvl, ch: torch.full((ch.shape[0], WDIM), 6e4 if dtype == "fp16" else 1e30))
+    assert t.num_nodes(1) == 2 and torch.isfinite(t.gists(1, 0, 2)).all()
+
+
 # ---------------------------------------------------------------- crash recovery
 
 def test_torn_tail_is_truncated_and_reported(tmp_path):
