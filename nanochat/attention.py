@@ -233,6 +233,20 @@ def _(cache, slot, x):
     return None
 
 
+@torch.library.custom_op("nanochat::cache_write_at", mutates_args=("cache",))
+def _cache_write_at(cache: torch.Tensor, start: int, x: torch.Tensor) -> None:
+    """cache[:, start:start + T] = x, in place: what a compiled multi-entry forward (the engine's
+    whole-window recompute) writes. A slice assignment there is functionalized: Inductor keeps each
+    layer's K/V in a buffer of its own and copies all of them into the cache at the end of the graph
+    (a second write of the whole cache); an opaque in-place op writes each layer once."""
+    cache[:, start:start + x.size(1)].copy_(x)
+
+
+@_cache_write_at.register_fake
+def _(cache, start, x):
+    return None
+
+
 class KVCache:
     """Preallocated per-layer K/V buffers (gpt-fast style). `pos` counts entries written.
     `truncate(j)` drops entries >= j so that an edit at working-context entry j recomputes
@@ -263,8 +277,12 @@ class KVCache:
         t0, t1 = self.pos, self.pos + k.size(1)
         if t1 > self.max_len:
             raise ValueError(f"KV cache overflow: {t1} > {self.max_len}")
-        self.k[layer, :, t0:t1] = k
-        self.v[layer, :, t0:t1] = v
+        if torch.compiler.is_compiling():
+            _cache_write_at(self.k[layer], t0, k.to(self.k.dtype))
+            _cache_write_at(self.v[layer], t0, v.to(self.v.dtype))
+        else:
+            self.k[layer, :, t0:t1] = k
+            self.v[layer, :, t0:t1] = v
         if layer == self.num_layers - 1:
             self.pos = t1
         return self.k[layer, :, :t1], self.v[layer, :, :t1]

@@ -735,6 +735,37 @@ def test_compiled_decode_step_writes_one_cache_entry_not_the_whole_cache():
     dynamo.reset()
 
 
+def test_compiled_window_recompute_writes_the_cache_in_place_once():
+    """The whole-window recompute (a compiled multi-entry forward) writes each layer's K/V with
+    nanochat::cache_write_at: a slice assignment there was functionalized into per-layer buffers
+    copied into the cache at the graph's end (H200, d20, W=4096: ~0.3 ms copy kernels among the
+    recompute's Inductor time). The compiled cache and logits equal the eager forward's."""
+    import torch._dynamo as dynamo
+    from torch._inductor.utils import run_and_get_code
+    model = make_model()
+    s = MemorySession(model, W=W)
+    s.ingest(np.random.default_rng(3).integers(0, V, 90))
+    s.refocus()
+    E = len(s)
+    s.logits()   # eager: the reference cache and logits
+    ref_k, ref_v, ref = s.cache.k[:, :, :E].clone(), s.cache.v[:, :, :E].clone(), s.logits().clone()
+    s.cache.k.zero_()
+    s.cache.v.zero_()
+    dynamo.reset()
+    pos, last = torch.arange(W)[None], torch.tensor([E - 1])
+    s.cache.truncate(0)
+    with torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(s._window_fn, dynamic=False), s.emb[None], pos, None, last)
+    code = "\n".join(codes)
+    assert code.count("nanochat.cache_write_at.default(") == 2 * model.config.n_layer
+    assert "setitem" not in code, "a functionalized slice assignment into the cache"
+    torch.testing.assert_close(s.cache.k[:, :, :E], ref_k, atol=ATOL, rtol=0)
+    torch.testing.assert_close(s.cache.v[:, :, :E], ref_v, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.reshape(-1), ref, atol=ATOL, rtol=0)
+    s.close()
+    dynamo.reset()
+
+
 def test_decode_with_a_model_made_under_inference_mode():
     """Weights made under torch.inference_mode keep no version counter: the q/k/v stack and
     DecodeStep's change check must still work (chat_web serves inside inference_mode)."""
