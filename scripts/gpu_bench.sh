@@ -48,6 +48,9 @@ step decode_fused_again 560 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --
 step decode_fused_profile_1m 270 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,1048576 --max-full 0 --steps 256 --focus union --decode fused --profile
 step decode_fused_cudnn 560 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,131072,1048576 --steps 512 --focus union --phases --decode fused --repeat 2 --window-cudnn
 step window_recompute 200 "$PY" -m scripts.bench_materialize --depth 20 --W 4096 --histories 131072 --reps 2 --window-modes default,cudnn
+# where the loop makes the host wait (every synchronizing call by source line, --syncs), materialize's
+# parts timed apart (emb_move, tree_read, emb_fresh) and the allocator's cudaMalloc counts, at 4k and 1M
+step decode_syncs 300 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 4096,1048576 --max-full 0 --steps 256 --focus union --decode fused --phases --syncs
 # full attention at 1M: a 100 GiB KV cache, which an H200 (141 GB) holds and an H100 does not
 step decode_full_1m 450 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 1048576 --max-full 1048576 --steps 32 --focus union
 step decode_compiled_profile 200 "$PY" -m scripts.bench_decode --depth 20 --W 4096 --histories 131072 --steps 96 --max-full 0 --decode compiled --profile
