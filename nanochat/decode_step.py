@@ -10,6 +10,9 @@ decode step that Engine and MemorySession (nanochat/engine.py) share.
   validity check that synced the host with the step in flight.
 - GraphedFn: a small call made often at one shape (MemorySession's one-block GistNet calls and
   its refocus's LensNet call) as a CUDA graph, checked once against the eager call.
+- Sampler: the same temperature / top-k sampling with counter-based noise (a hash of seed, draw
+  and index), so that one draw is a pure function of its inputs and runs as one CUDA graph
+  (MemorySession.generate: sampling was the host's largest cost per token).
 """
 import warnings
 import contextlib
@@ -43,6 +46,80 @@ def sample_next(logits, rng=None, temperature=1.0, top_k=None):
         probs = torch.softmax(vals, dim=-1)
         return idx.gather(-1, _multinomial1(probs, rng))
     return _multinomial1(torch.softmax(logits, dim=-1), rng)
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c):
+    """(x * c) mod 2**32 for int64 x in [0, 2**32) and a 32-bit constant c, without int64
+    overflow: the constant in two 16-bit halves."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x):
+    """A 32-bit integer hash (the "lowbias32" finalizer: xorshift-multiply rounds with good
+    avalanche), on int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniform(state, shape):
+    """Uniforms in (0, 1), float32 with 24 random bits, as a pure function of state = (seed, draw)
+    (an int64 (2,) tensor) and each element's index: no generator state, so a CUDA graph can
+    replay it and the same state always gives the same noise."""
+    n = 1
+    for d in shape:
+        n *= d
+    key = _mix32(_mix32(state[0] & _M32) ^ (state[1] & _M32))
+    idx = torch.arange(n, device=state.device, dtype=torch.int64)
+    x = _mix32(_mix32(idx ^ key) ^ (key >> 7))
+    return (((x >> 8).float() + 0.5) * 2.0 ** -24).view(shape)
+
+
+def sample_counter(logits, state, temperature=1.0, top_k=None):
+    """sample_next's draw, (B, V) logits -> (B, 1) token ids, with noise from counter_uniform(state):
+    argmax(p / q), q ~ Exp(1), over the top-k (or all) tokens. Pure: the caller advances state."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1, keepdim=True)
+    if temperature != 1.0:
+        logits = logits / temperature
+    idx = None
+    if top_k is not None and top_k > 0:
+        logits, idx = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
+    probs = torch.softmax(logits.float(), dim=-1)
+    q = -torch.log(counter_uniform(state, tuple(probs.shape)))
+    pick = (probs / q).argmax(dim=-1, keepdim=True)
+    return pick if idx is None else idx.gather(-1, pick)
+
+
+class Sampler:
+    """Temperature / top-k sampling for a decode loop: sample_counter with a device-side
+    (seed, draw) state that each call advances by one. On CUDA each (temperature, top_k) pair is
+    one CUDA graph (GraphedFn: copy in, replay, clone out; checked once against the eager call)
+    instead of ~8 launches with topk's host work. The same seed gives the same tokens on every
+    path (graph or eager, pipelined or not); the stream differs from torch.Generator's."""
+
+    def __init__(self, seed, device, max_graphs=8):
+        self.state = torch.tensor([int(seed) & _M32, 0], dtype=torch.int64, device=device)
+        self.draws, self.max_graphs, self._fns = 0, max_graphs, {}
+
+    def __call__(self, logits, temperature=1.0, top_k=None):
+        key = (float(temperature), int(top_k or 0))
+        fn = self._fns.get(key)
+        if fn is None:
+            def one(lg, st, t=key[0], k=key[1] or None):
+                return sample_counter(lg, st, t, k)
+            fn = GraphedFn(one) if len(self._fns) < self.max_graphs else one
+            if len(self._fns) < self.max_graphs:
+                self._fns[key] = fn
+        out = fn(logits, self.state)
+        self.state[1:].add_(1)
+        self.draws += 1
+        return out
 
 
 def no_cache_autocast(autocast):

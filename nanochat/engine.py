@@ -53,7 +53,7 @@ import torch
 
 from nanochat.common import fail, atomic_write_json, atomic_write_bytes, autocast_ctx, lock_dir
 from nanochat.gpt import lens_features
-from nanochat.decode_step import DecodeStep, DECODE_MODES, sample_next, qkv_modules, cache_dtype, check_decode, GraphedFn, no_cache_autocast  # noqa: F401 (re-exported)
+from nanochat.decode_step import DecodeStep, DECODE_MODES, sample_next, qkv_modules, cache_dtype, check_decode, GraphedFn, no_cache_autocast, Sampler, sample_counter  # noqa: F401 (re-exported)
 from nanochat.attention import KVCache, fixed_shape
 from nanochat.kv_engine import Engine  # noqa: F401 (re-exported: the plain engine lives there)
 from megacontext.match import MatchIndex
@@ -608,12 +608,12 @@ class MemorySession:
         """Yields (token_id, telemetry | None): the refocus telemetry after every K-th generated
         token and after an append that had to collapse an older block (MC models), else None. Every sampled token, a stop token included, goes into
         memory; generation ends after a stop token."""
-        rng = torch.Generator(device=self.device).manual_seed(seed)
+        sampler = Sampler(seed, self.device)   # counter-based noise: one CUDA graph per draw (decode_step.Sampler)
         stop = set(stop_tokens)
         t0 = time.perf_counter()
         for i in range(max_tokens):
             with _phase("mc.logits"):
-                nxt = sample_next(self.logits()[None], rng, temperature, top_k)
+                nxt = self._sample(sampler, self.logits()[None], temperature, top_k)
             # queue the next token's step before the host reads the token (see _queue_step)
             queued = self._queue_step(nxt) if self.pipeline and i + 1 < max_tokens else None
             if queued is None:
@@ -639,6 +639,14 @@ class MemorySession:
             yield tok, tel
             if tok in stop:
                 return
+
+    def _sample(self, sampler, logits, temperature, top_k):
+        """(1, V) logits -> (1, 1) token ids on the device (no host sync)."""
+        if self.decode == "dynamic":   # the eager reference path: no graph
+            out = sample_counter(logits, sampler.state, temperature, top_k)
+            sampler.state[1:].add_(1)
+            return out
+        return sampler(logits, temperature, top_k)
 
     def _queue_step(self, nxt):
         """Pipelined decode: while the device runs one token's step, the host appends the token

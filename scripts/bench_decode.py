@@ -43,7 +43,7 @@ import torch
 
 from nanochat.common import main_guard, fail, autocast_ctx, synchronize, autodetect_device_type
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.engine import Engine, MemorySession, DecodeStep, DECODE_MODES, sample_next
+from nanochat.engine import Engine, MemorySession, DecodeStep, DECODE_MODES, Sampler
 from megacontext.focus import FOCUS_POLICIES
 
 
@@ -67,7 +67,8 @@ class PhaseTimer:
     (and so turns pipelining off): the phases explain a run, the headline timing is the unsynced one."""
     PHASES = (("step", "_step"), ("recompute", "_forward"), ("recompute", "_forward_window"),
               ("materialize", "_materialize"), ("emb_move", "_move_rows"), ("tree_read", "_tree_rows"),
-              ("emb_fresh", "_fresh_rows"), ("window_sync", "_sync"), ("append", "_append"), ("refocus", "refocus"))
+              ("emb_fresh", "_fresh_rows"), ("window_sync", "_sync"), ("append", "_append"), ("refocus", "refocus"),
+              ("sample", "_sample"))
 
     def __init__(self, s, device, sync=True):
         self.s, self.device, self.ms, self.calls, self.stack, self.saved = s, device, {}, {}, [], {}
@@ -97,13 +98,9 @@ class PhaseTimer:
         for name, attr in self.PHASES:   # (callable, set on the instance: _step; else a method)
             self.saved[attr] = (getattr(self.s, attr), attr in vars(self.s))
             setattr(self.s, attr, self.wrap(name, self.saved[attr][0]))
-        self.sample_next = eng.sample_next
-        eng.sample_next = self.wrap("sample", eng.sample_next)
         return self
 
     def __exit__(self, *exc):
-        import nanochat.engine as eng
-        eng.sample_next = self.sample_next
         for attr, (fn, own) in self.saved.items():
             if own:
                 setattr(self.s, attr, fn)
@@ -279,13 +276,13 @@ def bench_full(model, ids, args, device, autocast):  # main() skips histories pa
         logits = engine.prefill(torch.from_numpy(ids)[None].to(device), cache)
         step = engine.decoder(cache)
         synchronize(device.type)
-        rng = torch.Generator(device=device).manual_seed(0)
+        sampler = Sampler(0, device)   # MemorySession.generate's sampler: the same host work per token
         for i in range(args.warmup + args.steps):
             if i == args.warmup:
                 synchronize(device.type)
                 t0 = time.perf_counter()
             phase = f"decode step {i}"
-            nxt = sample_next(logits, rng, 1.0, 50)
+            nxt = sampler(logits, 1.0, 50)
             int(nxt[0, 0])  # the host needs every token, as in generate()
             logits = step(nxt)
         synchronize(device.type)
@@ -512,12 +509,12 @@ def step_breakdown(args, device, n=64):
                 e1.record()
                 synchronize(device.type)
                 row["replay_ms"] = round(e0.elapsed_time(e1) / n, 4)
-            rng = torch.Generator(device=device).manual_seed(0)
-            for i in range(n + 8):   # 8 untimed: the sampler's kernels load lazily at their first launch
+            sampler = Sampler(0, device)
+            for i in range(n + 8):   # 8 untimed: the sampler's kernels load lazily (and its graph is captured)
                 if i == 8:
                     synchronize(device.type)
                     t0 = time.perf_counter()
-                nxt = sample_next(logits, rng, 1.0, 50)
+                nxt = sampler(logits, 1.0, 50)
                 int(nxt[0, 0])
                 logits = step(nxt, slot)
             synchronize(device.type)

@@ -574,6 +574,49 @@ def test_sample_next_draws_what_multinomial_draws():
     assert torch.equal(sample_next(logits, None, 0.0), logits.argmax(-1, keepdim=True))
 
 
+def test_counter_sampler_is_pure_uniform_and_respects_top_k():
+    """decode_step.Sampler: noise from a hash of (seed, draw, index). The same state gives the same
+    uniforms, another draw or seed others; the uniforms are uniform (moments, bins, neighbours
+    uncorrelated); draws follow softmax(logits / T) over the top-k tokens (chi-square), never
+    leave the top-k, and temperature 0 is argmax. Each call advances the draw counter by one."""
+    from nanochat.decode_step import counter_uniform, sample_counter, Sampler, _mul32
+    x = torch.tensor([0, 1, 0xFFFFFFFF, 0x12345678], dtype=torch.int64)
+    for c in (0x7FEB352D, 0x846CA68B):   # the overflow-free 32-bit multiply
+        assert _mul32(x, c).tolist() == [(int(v) * c) % 2**32 for v in x]
+    st = torch.tensor([42, 7])
+    u = counter_uniform(st, (4, 5000))
+    assert torch.equal(u, counter_uniform(st.clone(), (4, 5000))) and u.dtype == torch.float32
+    assert not torch.equal(u, counter_uniform(torch.tensor([42, 8]), (4, 5000)))
+    assert not torch.equal(u, counter_uniform(torch.tensor([43, 7]), (4, 5000)))
+    f = u.flatten()
+    assert 0 < f.min() and f.max() < 1
+    assert abs(f.mean() - 0.5) < 0.01 and abs(f.var() - 1 / 12) < 0.003
+    counts = torch.histc(f, bins=20, min=0, max=1)
+    assert ((counts - len(f) / 20).abs() < 5 * (len(f) / 20) ** 0.5).all()
+    assert abs(torch.corrcoef(torch.stack([f[:-1], f[1:]]))[0, 1]) < 0.03
+    firsts = torch.stack([counter_uniform(torch.tensor([0, d]), (1,))[0] for d in range(2000)])
+    assert abs(firsts.mean() - 0.5) < 0.03   # consecutive draws at one index are uniform too
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    for temperature, top_k in ((1.0, None), (0.7, 3)):
+        s = Sampler(5, "cpu")
+        draws = torch.cat([s(logits, temperature, top_k) for _ in range(6000)]).flatten()
+        assert s.draws == 6000 and s.state.tolist() == [5, 6000]
+        p = torch.softmax(logits[0] / temperature, -1)
+        if top_k:
+            p[top_k:] = 0
+            p = p / p.sum()
+            assert draws.max() < top_k
+        obs = torch.bincount(draws, minlength=6).float()
+        exp = p * len(draws)
+        live = exp > 0
+        chi2 = ((obs[live] - exp[live]) ** 2 / exp[live]).sum()
+        assert chi2 < 25, (temperature, top_k, obs.tolist(), exp.tolist())   # df <= 5: p < 1e-3
+    assert sample_counter(logits, st, 0.0).item() == 0
+    s1, s2, s3 = Sampler(9, "cpu"), Sampler(9, "cpu"), Sampler(10, "cpu")
+    seq = [int(s1(logits)) for _ in range(50)]
+    assert seq == [int(s2(logits)) for _ in range(50)] != [int(s3(logits)) for _ in range(50)]
+
+
 def test_compiled_decode_equals_static():
     """decode="compiled" (torch.compile before the capture) gives the static step's tokens and
     logits, for the plain Engine (twice: a second generate reuses the compiled code) and for a
