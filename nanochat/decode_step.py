@@ -121,6 +121,12 @@ class Sampler:
         self.draws += 1
         return out
 
+    def graph_status(self):
+        """{"graphs": CUDA graphs captured, "disabled": why graphs are off (or None)}."""
+        fns = [f for f in self._fns.values() if isinstance(f, GraphedFn)]
+        return {"graphs": sum(len(f.graphs) for f in fns),
+                "disabled": next((f.disabled for f in fns if f.disabled), None)}
+
 
 def no_cache_autocast(autocast):
     """The same autocast without its weight-cast cache: a captured graph must not read casts that a

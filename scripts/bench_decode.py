@@ -94,7 +94,6 @@ class PhaseTimer:
         return timed
 
     def __enter__(self):
-        import nanochat.engine as eng
         for name, attr in self.PHASES:   # (callable, set on the instance: _step; else a method)
             self.saved[attr] = (getattr(self.s, attr), attr in vars(self.s))
             setattr(self.s, attr, self.wrap(name, self.saved[attr][0]))
@@ -258,6 +257,8 @@ def bench_mc(model, ids, args, device, autocast, root):
                 # the host blocked on the device for the sampled token: ~0 means the loop is host-bound
                 "host_wait_ms_per_tok": round(wait / args.steps * 1e3, 3),
                 "gist_graph_exact": gist_exact, "window_cudnn": s.window_cudnn,
+                # the sampler's CUDA graphs (0 off CUDA), and why they are off if a capture failed
+                "sampler": s.last_sampler.graph_status() if s.last_sampler is not None else None,
                 **({"alloc": alloc} if alloc else {}), **({"syncs": syncs} if syncs else {}),
                 **({"phases": phases} if phases else {})}
     finally:

@@ -163,6 +163,7 @@ def test_bench_decode_phases_and_pipeline_switch(tmp_path):
         assert {"step", "sample", "append", "other", "total"} <= set(host) and host["total"] > 0
         assert sum(v for k, v in host.items() if k != "total") == pytest.approx(host["total"], abs=1e-2)
         assert 0 <= mc["host_wait_ms_per_tok"] < mc["ms_per_tok"] and mc["gist_graph_exact"] is True
+        assert mc["sampler"] == {"graphs": 0, "disabled": None}   # graphs are CUDA's
     # pipelined or not, a generated token's step embeds it on the device (DecodeStep emb_out):
     # materialize runs only for the entries an edit changed
     for mc in (mc_on, mc_off):
