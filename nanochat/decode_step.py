@@ -10,8 +10,9 @@ decode step that Engine and MemorySession (nanochat/engine.py) share.
   validity check that synced the host with the step in flight.
 - GraphedFn: a small call made often at one shape (MemorySession's one-block GistNet calls and
   its refocus's LensNet call) as a CUDA graph, checked once against the eager call.
-- Sampler: the same temperature / top-k sampling with counter-based noise (a hash of seed, draw
-  and index), so that one draw is a pure function of its inputs and runs as one CUDA graph
+- Sampler: the same temperature / top-k distribution, drawn by inverse CDF from a counter-based
+  uniform (a hash of seed and draw), so that one draw is a pure function of its inputs and runs
+  as one CUDA graph
   (MemorySession.generate: sampling was the host's largest cost per token).
 """
 import warnings
@@ -68,21 +69,35 @@ def _mix32(x):
 
 
 def counter_uniform(state, shape):
-    """Uniforms in (0, 1), float32 with 24 random bits, as a pure function of state = (seed, draw)
+    """Uniforms in (0, 1), float64 with 48 random bits, as a pure function of state = (seed, draw)
     (an int64 (2,) tensor) and each element's index: no generator state, so a CUDA graph can
     replay it and the same state always gives the same noise."""
     n = 1
     for d in shape:
         n *= d
+    if state.device.type == "cpu" and n <= 64:   # a draw on CPU: the same arithmetic on Python ints
+        seed, draw = state.tolist()                # (~30 tiny tensor ops cost ~0.4 ms there)
+        return torch.tensor([_uniform48(seed, draw, i) for i in range(n)], dtype=torch.float64).view(shape)
     key = _mix32(_mix32(state[0] & _M32) ^ (state[1] & _M32))
     idx = torch.arange(n, device=state.device, dtype=torch.int64)
-    x = _mix32(_mix32(idx ^ key) ^ (key >> 7))
-    return (((x >> 8).float() + 0.5) * 2.0 ** -24).view(shape)
+    hi = _mix32((idx * 0x9E3779B9 + key) & _M32)      # idx * constant < 2**63 for idx < 2**31
+    lo = _mix32(hi ^ (key >> 3) ^ 0x5BD1E995)
+    x = (hi >> 8) * 2 ** 24 + (lo >> 8)                # 48 bits
+    return ((x.double() + 0.5) * 2.0 ** -48).view(shape)
+
+
+def _uniform48(seed, draw, i):
+    """counter_uniform's value at index i, with Python ints."""
+    key = _mix32(_mix32(seed & _M32) ^ (draw & _M32))
+    hi = _mix32((i * 0x9E3779B9 + key) & _M32)
+    lo = _mix32(hi ^ (key >> 3) ^ 0x5BD1E995)
+    return (((hi >> 8) * 2 ** 24 + (lo >> 8)) + 0.5) * 2.0 ** -48
 
 
 def sample_counter(logits, state, temperature=1.0, top_k=None):
-    """sample_next's draw, (B, V) logits -> (B, 1) token ids, with noise from counter_uniform(state):
-    argmax(p / q), q ~ Exp(1), over the top-k (or all) tokens. Pure: the caller advances state."""
+    """sample_next's distribution, (B, V) logits -> (B, 1) token ids: softmax(logits / T) over the
+    top-k (or all) tokens, drawn by inverse CDF with one counter_uniform(state) per row (a cumsum
+    and a searchsorted: no noise per token). Pure: the caller advances state."""
     if temperature == 0.0:
         return logits.argmax(dim=-1, keepdim=True)
     if temperature != 1.0:
@@ -90,9 +105,9 @@ def sample_counter(logits, state, temperature=1.0, top_k=None):
     idx = None
     if top_k is not None and top_k > 0:
         logits, idx = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
-    probs = torch.softmax(logits.float(), dim=-1)
-    q = -torch.log(counter_uniform(state, tuple(probs.shape)))
-    pick = (probs / q).argmax(dim=-1, keepdim=True)
+    cdf = torch.softmax(logits.float(), dim=-1).double().cumsum(-1)
+    r = counter_uniform(state, (cdf.size(0), 1)) * cdf[:, -1:]
+    pick = torch.searchsorted(cdf, r, right=True).clamp_(max=cdf.size(-1) - 1)
     return pick if idx is None else idx.gather(-1, pick)
 
 

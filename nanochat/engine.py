@@ -46,6 +46,7 @@ import json
 import time
 import array
 import hashlib
+import contextlib
 import collections
 
 import numpy as np
@@ -63,7 +64,15 @@ from megacontext.focus import lens_allocator, focus_scores, reads_match, FOCUS_P
 
 
 Queued = collections.namedtuple("Queued", "slot logits read")   # a pipelined step (MemorySession._queue_step)
-_phase = torch.profiler.record_function  # named ranges in a profile (bench_decode --profile); ~1 us when off
+_NO_PHASE = contextlib.nullcontext()
+_profiling = getattr(torch.autograd, "_profiler_enabled", lambda: True)   # (older torch: always named)
+
+
+def _phase(name):
+    """A named range in a profile (bench_decode --profile). record_function costs ~12 us even with
+    no profiler running (on this repo's 2-core CPU), a few of them per generated token: only
+    when one runs."""
+    return torch.profiler.record_function(name) if _profiling() else _NO_PHASE
 
 
 STATE_FILE = "session.json"   # small JSON state beside the tree files, rewritten atomically
@@ -500,9 +509,8 @@ class MemorySession:
             new_nodes, gist_s = [0] * (self.wc.max_level + 1), 0.0
             for a in range(0, total, self.ingest_chunk):
                 part = ids[a:a + self.ingest_chunk]
-                wc = self.wc.copy()   # probe first: a history that cannot fit changes nothing
-                try:
-                    first = min(first, wc.append(part.size))
+                try:   # check first: a history that cannot fit changes nothing
+                    self.wc.check_append(part.size)
                 except ValueError as e:
                     fail(f"memory full: {e}")
                 try:
@@ -510,7 +518,7 @@ class MemorySession:
                 except BaseException:
                     self._reconcile()
                     raise
-                self.wc = wc
+                first = min(first, self.wc.append(part.size))   # cannot fail after the check
                 new_nodes = [x + y for x, y in zip(new_nodes, t["new_nodes"])]
                 gist_s += t["gist_s"]
                 if progress is not None:
@@ -624,7 +632,7 @@ class MemorySession:
             else:
                 tok = queued.read()
             with _phase("mc.append"):
-                app = self._append(np.array([tok], np.int64))
+                app = self._append(np.array([tok], np.uint32))   # uint32: the tree's dtype, no range check
             if queued is not None:
                 self._commit_step(queued.slot, queued.logits)
             self.counters["generated"] += 1
