@@ -126,6 +126,9 @@ class Sampler:
         key = (float(temperature), int(top_k or 0))
         fn = self._fns.get(key)
         if fn is None:
+            if not (0.0 <= key[0] < float("inf")) or key[1] < 0:
+                raise ValueError(f"sampling needs a finite temperature >= 0 and top_k >= 0 (got {temperature}, {top_k})")
+
             def one(lg, st, t=key[0], k=key[1] or None):
                 return sample_counter(lg, st, t, k)
             fn = GraphedFn(one) if len(self._fns) < self.max_graphs else one
