@@ -195,6 +195,7 @@ def bench_mc(model, ids, args, device, autocast, root):
             pass
         synchronize(device.type)
         c0, w0, a0 = dict(s.counters), s.wait_s, alloc_counts(device)
+        r0 = [lv.remaps for lv in s.tree.levels]
         t0 = time.perf_counter()
         tels = []
         with torch.profiler.record_function("bench.generate"):
@@ -205,6 +206,7 @@ def bench_mc(model, ids, args, device, autocast, root):
         dt = time.perf_counter() - t0
         wait = s.wait_s - w0
         alloc = {k: v - a0[k] for k, v in alloc_counts(device).items()}   # during the timed loop
+        remaps = [lv.remaps - r for lv, r in zip(s.tree.levels, r0)]   # tree files mapped again (a read past the map)
         c = {k: s.counters.get(k, 0) - c0.get(k, 0) for k in
              ("recomputed", "reused", "refocus_calls", "refocus_ms", "edits", "pipelined")}
         phases = None
@@ -259,7 +261,7 @@ def bench_mc(model, ids, args, device, autocast, root):
                 "gist_graph_exact": gist_exact, "window_cudnn": s.window_cudnn,
                 # the sampler's CUDA graphs (0 off CUDA), and why they are off if a capture failed
                 "sampler": s.last_sampler.graph_status() if s.last_sampler is not None else None,
-                **({"alloc": alloc} if alloc else {}), **({"syncs": syncs} if syncs else {}),
+                "tree_remaps": remaps, **({"alloc": alloc} if alloc else {}), **({"syncs": syncs} if syncs else {}),
                 **({"phases": phases} if phases else {})}
     finally:
         s.close()
