@@ -118,9 +118,13 @@ class Sampler:
     instead of ~8 launches with topk's host work. The same seed gives the same tokens on every
     path (graph or eager, pipelined or not); the stream differs from torch.Generator's."""
 
-    def __init__(self, seed, device, max_graphs=8):
+    def __init__(self, seed, device, max_graphs=8, fns=None):
+        """fns: a dict to keep the per-(temperature, top_k) calls (and their graphs) in, shared by
+        the Samplers of one session (MemorySession: one per generate() call), so that a new seed
+        captures nothing: a graph copies its inputs in, the state included."""
         self.state = torch.tensor([int(seed) & _M32, 0], dtype=torch.int64, device=device)
-        self.draws, self.max_graphs, self._fns = 0, max_graphs, {}
+        self.draws, self.max_graphs = 0, max_graphs
+        self._fns = {} if fns is None else fns
 
     def __call__(self, logits, temperature=1.0, top_k=None):
         key = (float(temperature), int(top_k or 0))

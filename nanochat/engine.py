@@ -227,6 +227,7 @@ class MemorySession:
         self.last_recomputed = 0
         self.last_decode = (0, 0.0)                # tokens and seconds of the last generate() call
         self.last_sampler = None                   # the last generate() call's Sampler
+        self._sample_fns = {}                      # its calls per (temperature, top_k), graphs on CUDA
         self.wait_s = 0.0                          # generate(): host seconds spent waiting for sampled tokens
         self.counters = dict(ingested=0, generated=0, forwards=0, recomputed=0, reused=0,
                              refocus_calls=0, refocus_ms=0.0, edits=0)
@@ -617,7 +618,8 @@ class MemorySession:
         """Yields (token_id, telemetry | None): the refocus telemetry after every K-th generated
         token and after an append that had to collapse an older block (MC models), else None. Every sampled token, a stop token included, goes into
         memory; generation ends after a stop token."""
-        sampler = self.last_sampler = Sampler(seed, self.device)   # counter-based noise: one CUDA graph per draw
+        # counter-based noise: one CUDA graph per draw, kept across calls (_sample_fns)
+        sampler = self.last_sampler = Sampler(seed, self.device, fns=self._sample_fns)
         stop = set(stop_tokens)
         t0 = time.perf_counter()
         for i in range(max_tokens):

@@ -617,6 +617,10 @@ def test_counter_sampler_is_pure_uniform_and_respects_top_k():
     s1, s2, s3 = Sampler(9, "cpu"), Sampler(9, "cpu"), Sampler(10, "cpu")
     seq = [int(s1(logits)) for _ in range(50)]
     assert seq == [int(s2(logits)) for _ in range(50)] != [int(s3(logits)) for _ in range(50)]
+    shared = {}   # a session's Samplers share their calls: a new seed reuses them, and draws its own stream
+    a, b = Sampler(9, "cpu", fns=shared), Sampler(9, "cpu", fns=shared)
+    assert [int(a(logits)) for _ in range(50)] == seq and len(shared) == 1
+    assert [int(b(logits)) for _ in range(50)] == seq and len(shared) == 1
     for bad in ((-0.5, None), (float("nan"), None), (float("inf"), None), (1.0, -3)):
         with pytest.raises(ValueError, match="temperature"):
             s1(logits, *bad)
