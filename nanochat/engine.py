@@ -398,8 +398,7 @@ class MemorySession:
             x = self.emb[j:E][None]
         else:
             self._known = j  # plain: the layout is written below, as slots get cached
-            x = torch.tensor(self.tokens[self.w0 + j:self.w0 + E], dtype=torch.long, device=self.device)[None] \
-                if step else None
+            x = self._h2d(np.asarray(self.tokens[self.w0 + j:self.w0 + E], dtype=np.int64))[None] if step else None
         if step:
             if self._step is None:  # the cache lives as long as the session: one graph serves it
                 self._step = DecodeStep(self.model, self.cache, self.autocast, compile=self.decode == "compiled",
@@ -436,7 +435,7 @@ class MemorySession:
                 if self.mc:
                     h = self.model(embeds=self.emb[a:b][None], **kw)
                 else:
-                    ids = torch.tensor(self.tokens[self.w0 + a:self.w0 + b], dtype=torch.long, device=self.device)
+                    ids = self._h2d(np.asarray(self.tokens[self.w0 + a:self.w0 + b], dtype=np.int64))
                     h = self.model(ids[None], **kw)
             return self.model.logits_and_loss(h[:, -1])[0]
 
