@@ -161,6 +161,25 @@ class SyncSites:
                 "sites": dict(sorted(self.sites.items(), key=lambda kv: -kv[1]))}
 
 
+@torch.no_grad()
+def window_emb_exact(s):
+    """After a run: the session's window buffer (rows moved, read from the tree and written by
+    the steps) equals entry_embeddings of the whole window from scratch (tree.gists, fp32), bit
+    for bit."""
+    s.logits()
+    lv, ix = s.wc.levels, s.wc.indices
+    tok, gists = np.zeros(len(lv), np.int64), torch.zeros(len(lv), s.config.n_embd)
+    for j, (l, i) in enumerate(zip(lv.tolist(), ix.tolist())):
+        if l == 0:
+            tok[j] = int(s.tree.tokens(i, i + 1)[0])
+        else:
+            gists[j] = s.tree.gists(l, i, i + 1)[0]
+    dev = s.emb.device
+    ref = s.model.entry_embeddings(torch.from_numpy(lv)[None].to(dev), torch.from_numpy(tok)[None].to(dev),
+                                   gists[None].to(dev))[0].to(s.emb.dtype)
+    return bool(torch.equal(s.emb[:len(lv)], ref))
+
+
 ALLOC_KEYS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
 
 
@@ -208,7 +227,7 @@ def bench_mc(model, ids, args, device, autocast, root):
         alloc = {k: v - a0[k] for k, v in alloc_counts(device).items()}   # during the timed loop
         remaps = [lv.remaps - r for lv, r in zip(s.tree.levels, r0)]   # tree files mapped again (a read past the map)
         c = {k: s.counters.get(k, 0) - c0.get(k, 0) for k in
-             ("recomputed", "reused", "refocus_calls", "refocus_ms", "edits", "pipelined")}
+             ("recomputed", "reused", "refocus_calls", "refocus_ms", "edits", "pipelined", "fresh_rows", "fresh_gists")}
         phases = None
         if args.phases:   # the same number of steps again, each phase synchronized (PhaseTimer)
             with PhaseTimer(s, device) as pt:
@@ -238,6 +257,7 @@ def bench_mc(model, ids, args, device, autocast, root):
         with torch.no_grad(), autocast:
             ref = s.tree._decode(s.tree._encode(model.gist(0, blk)))
         gist_exact = bool(torch.equal(s.tree.gists(1, n1 - 1, n1), ref))
+        emb_exact = window_emb_exact(s)
         warm = []   # a whole-window recompute once kernels are warm (prefill_ms is the first, cold one)
         for _ in range(3):
             s.cache.truncate(0)
@@ -258,7 +278,10 @@ def bench_mc(model, ids, args, device, autocast, root):
                 "pipelined_per_tok": round(c["pipelined"] / args.steps, 3),
                 # the host blocked on the device for the sampled token: ~0 means the loop is host-bound
                 "host_wait_ms_per_tok": round(wait / args.steps * 1e3, 3),
-                "gist_graph_exact": gist_exact, "window_cudnn": s.window_cudnn,
+                "gist_graph_exact": gist_exact, "emb_exact": emb_exact, "window_cudnn": s.window_cudnn,
+                # rows materialize read from the tree (the rest moved on the device), per refocus
+                "fresh_rows_per_refocus": round(c["fresh_rows"] / max(1, c["refocus_calls"]), 1),
+                "fresh_gists_per_refocus": round(c["fresh_gists"] / max(1, c["refocus_calls"]), 1),
                 # the sampler's CUDA graphs (0 off CUDA), and why they are off if a capture failed
                 "sampler": s.last_sampler.graph_status() if s.last_sampler is not None else None,
                 "tree_remaps": remaps, **({"alloc": alloc} if alloc else {}), **({"syncs": syncs} if syncs else {}),

@@ -165,6 +165,7 @@ def test_bench_decode_phases_and_pipeline_switch(tmp_path):
         assert 0 <= mc["host_wait_ms_per_tok"] < mc["ms_per_tok"] and mc["gist_graph_exact"] is True
         assert mc["sampler"] == {"graphs": 0, "disabled": None}   # graphs are CUDA's
         assert len(mc["tree_remaps"]) == 4 and min(mc["tree_remaps"]) >= 0   # per tree level (max_level 3)
+        assert mc["emb_exact"] is True and mc["fresh_rows_per_refocus"] >= mc["fresh_gists_per_refocus"] >= 0
     # pipelined or not, a generated token's step embeds it on the device (DecodeStep emb_out):
     # materialize runs only for the entries an edit changed
     for mc in (mc_on, mc_off):
