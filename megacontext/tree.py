@@ -368,7 +368,7 @@ class MegaContextTree:
 
     def gists_raw(self, level, start, end) -> np.ndarray:
         """Gists of nodes [start, end) at `level` as stored (bf16: the raw bits as uint16; fp16;
-        fp32), for a reader that ships them as they are and widens on the device (gist_rows_tensor)."""
+        fp32), for a reader that ships them as they are and widens on the device (gist_dtype)."""
         if not 1 <= level <= self.max_level:
             raise IndexError(f"gist level {level} outside [1, {self.max_level}]")
         return self.levels[level].read(start, end)
@@ -376,12 +376,6 @@ class MegaContextTree:
     @property
     def gist_dtype(self) -> torch.dtype:
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.dtype]
-
-    @staticmethod
-    def raw_tensor(raw: np.ndarray) -> torch.Tensor:
-        """gists_raw rows as a CPU tensor of the same bytes (bf16 bits as int16: view it as
-        gist_dtype wherever it lands; numpy has no bfloat16)."""
-        return torch.from_numpy(raw.view(np.int16) if raw.dtype == np.uint16 else raw)
 
     def node_span(self, level, index):
         """(first token, number of tokens) covered by node (level, index)."""

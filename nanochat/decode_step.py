@@ -68,6 +68,15 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
+def _bits48(seed, draw, idx):
+    """48 random bits per index from (seed, draw): the same arithmetic on Python ints or on int64
+    tensors (values in [0, 2**32); idx * constant < 2**63 for idx < 2**31)."""
+    key = _mix32(_mix32(seed & _M32) ^ (draw & _M32))
+    hi = _mix32((idx * 0x9E3779B9 + key) & _M32)
+    lo = _mix32(hi ^ (key >> 3) ^ 0x5BD1E995)
+    return (hi >> 8) * 2 ** 24 + (lo >> 8)
+
+
 def counter_uniform(state, shape):
     """Uniforms in (0, 1), float64 with 48 random bits, as a pure function of state = (seed, draw)
     (an int64 (2,) tensor) and each element's index: no generator state, so a CUDA graph can
@@ -75,23 +84,12 @@ def counter_uniform(state, shape):
     n = 1
     for d in shape:
         n *= d
-    if state.device.type == "cpu" and n <= 64:   # a draw on CPU: the same arithmetic on Python ints
-        seed, draw = state.tolist()                # (~30 tiny tensor ops cost ~0.4 ms there)
-        return torch.tensor([_uniform48(seed, draw, i) for i in range(n)], dtype=torch.float64).view(shape)
-    key = _mix32(_mix32(state[0] & _M32) ^ (state[1] & _M32))
-    idx = torch.arange(n, device=state.device, dtype=torch.int64)
-    hi = _mix32((idx * 0x9E3779B9 + key) & _M32)      # idx * constant < 2**63 for idx < 2**31
-    lo = _mix32(hi ^ (key >> 3) ^ 0x5BD1E995)
-    x = (hi >> 8) * 2 ** 24 + (lo >> 8)                # 48 bits
+    if state.device.type == "cpu" and n <= 64:   # a draw on CPU: Python ints (~30 tiny tensor ops cost ~0.4 ms there)
+        seed, draw = state.tolist()
+        x = torch.tensor([_bits48(seed, draw, i) for i in range(n)], dtype=torch.int64)
+    else:
+        x = _bits48(state[0], state[1], torch.arange(n, device=state.device, dtype=torch.int64))
     return ((x.double() + 0.5) * 2.0 ** -48).view(shape)
-
-
-def _uniform48(seed, draw, i):
-    """counter_uniform's value at index i, with Python ints."""
-    key = _mix32(_mix32(seed & _M32) ^ (draw & _M32))
-    hi = _mix32((i * 0x9E3779B9 + key) & _M32)
-    lo = _mix32(hi ^ (key >> 3) ^ 0x5BD1E995)
-    return (((hi >> 8) * 2 ** 24 + (lo >> 8)) + 0.5) * 2.0 ** -48
 
 
 def sample_counter(logits, state, temperature=1.0, top_k=None):
@@ -118,12 +116,13 @@ class Sampler:
     instead of ~8 launches with topk's host work. The same seed gives the same tokens on every
     path (graph or eager, pipelined or not); the stream differs from torch.Generator's."""
 
-    def __init__(self, seed, device, max_graphs=8, fns=None):
+    def __init__(self, seed, device, max_graphs=8, fns=None, graph=True):
         """fns: a dict to keep the per-(temperature, top_k) calls (and their graphs) in, shared by
         the Samplers of one session (MemorySession: one per generate() call), so that a new seed
-        captures nothing: a graph copies its inputs in, the state included."""
+        captures nothing: a graph copies its inputs in, the state included. graph=False: eager
+        calls only (decode="dynamic", the reference path)."""
         self.state = torch.tensor([int(seed) & _M32, 0], dtype=torch.int64, device=device)
-        self.draws, self.max_graphs = 0, max_graphs
+        self.draws, self.max_graphs, self.graph = 0, max_graphs, graph
         self._fns = {} if fns is None else fns
 
     def __call__(self, logits, temperature=1.0, top_k=None):
@@ -135,9 +134,9 @@ class Sampler:
 
             def one(lg, st, t=key[0], k=key[1] or None):
                 return sample_counter(lg, st, t, k)
-            fn = GraphedFn(one) if len(self._fns) < self.max_graphs else one
+            fn = one
             if len(self._fns) < self.max_graphs:
-                self._fns[key] = fn
+                fn = self._fns[key] = GraphedFn(one) if self.graph else one
         out = fn(logits, self.state)
         self.state[1:].add_(1)
         self.draws += 1

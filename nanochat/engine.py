@@ -54,7 +54,7 @@ import torch
 
 from nanochat.common import fail, atomic_write_json, atomic_write_bytes, autocast_ctx, lock_dir
 from nanochat.gpt import lens_features
-from nanochat.decode_step import DecodeStep, DECODE_MODES, sample_next, qkv_modules, cache_dtype, check_decode, GraphedFn, no_cache_autocast, Sampler, sample_counter  # noqa: F401 (re-exported)
+from nanochat.decode_step import DecodeStep, DECODE_MODES, sample_next, qkv_modules, cache_dtype, check_decode, GraphedFn, no_cache_autocast, Sampler  # noqa: F401 (re-exported)
 from nanochat.attention import KVCache, fixed_shape
 from nanochat.kv_engine import Engine  # noqa: F401 (re-exported: the plain engine lives there)
 from megacontext.match import MatchIndex
@@ -302,7 +302,7 @@ class MemorySession:
         """emb rows src -> dst on the device, exactly: one gather, then one scatter (source and
         target rows may overlap)."""
         with _phase("mc.emb_move"):
-            rows = self._h2d(np.concatenate([src, dst]))
+            rows = self._h2d([src, dst])
             self.emb[rows[len(src):]] = self.emb[rows[:len(src)]]
 
     def _fresh_rows(self, lv, dst, tree_rows, whole=False):
@@ -312,7 +312,7 @@ class MemorySession:
         with _phase("mc.emb_fresh"):
             nf = len(dst)
             grow = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-            meta = self._h2d(np.concatenate([lv, tok, dst, grow]))
+            meta = self._h2d([lv, tok, dst, grow])
             lvd, tokd, dstd, growd = meta.split([nf, nf, nf, len(grow)])
             gists = self._gist_rows(nf, rows, parts, idx=growd)
             emb = self.model.entry_embeddings(lvd[None], tokd[None], gists[None])[0].to(self.emb.dtype)
@@ -322,10 +322,17 @@ class MemorySession:
                 self.emb.index_copy_(0, dstd, emb)
 
     def _h2d(self, x):
-        """A host array (numpy or CPU tensor) on the device. On CUDA through pinned memory and
-        non_blocking: a copy from pageable memory synchronizes the stream, so the host would wait
-        for all the work it queued before (a refocus's copies then serialize host and device).
-        The pinned block is the caching host allocator's, kept until the copy is done."""
+        """A host array (numpy, a list of numpy arrays to concatenate, or a CPU tensor) on the
+        device. On CUDA through pinned memory and non_blocking: a copy from pageable memory
+        synchronizes the stream, so the host would wait for all the work it queued before (a
+        refocus's copies then serialize host and device). A list is concatenated straight into
+        the pinned block, which is the caching host allocator's, kept until the copy is done."""
+        if isinstance(x, list):
+            if self.device.type != "cuda":
+                return torch.from_numpy(np.concatenate(x)).to(self.device)
+            buf = torch.empty((sum(map(len, x)),) + x[0].shape[1:], dtype=torch.from_numpy(x[0][:0]).dtype, pin_memory=True)
+            np.concatenate(x, out=buf.numpy())
+            return buf.to(self.device, non_blocking=True)
         t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
         if self.device.type != "cuda":
             return t.to(self.device)
@@ -357,16 +364,10 @@ class MemorySession:
         gists = torch.zeros(n, self.config.n_embd, device=self.device, dtype=dt)
         if parts:
             if idx is None:
-                idx = self._h2d(np.concatenate(rows))
-            if self.device.type == "cuda":
-                m = sum(len(p) for p in parts)
-                buf = torch.empty((m,) + parts[0].shape[1:], dtype=self.tree.raw_tensor(parts[0][:0]).dtype, pin_memory=True)
-                np.concatenate([p.view(buf.numpy().dtype) for p in parts], out=buf.numpy())
-                src = buf.to(self.device, non_blocking=True)
-            else:
-                src = self.tree.raw_tensor(np.concatenate(parts)).to(self.device)
-            gists[idx] = src.view(dt)
-        self.counters["fresh_gists"] = self.counters.get("fresh_gists", 0) + sum(len(p) for p in parts)
+                idx = self._h2d(rows)
+            # bf16 bits are uint16 in numpy, which has no bfloat16: int16 crosses, viewed as bf16 there
+            gists[idx] = self._h2d([p.view(np.int16) if p.dtype == np.uint16 else p for p in parts]).view(dt)
+        self.counters["fresh_gists"] = self.counters.get("fresh_gists", 0) + sum(map(len, parts))
         return gists
 
     def _positions(self, j, E, wc=None):
@@ -631,7 +632,7 @@ class MemorySession:
         token and after an append that had to collapse an older block (MC models), else None. Every sampled token, a stop token included, goes into
         memory; generation ends after a stop token."""
         # counter-based noise: one CUDA graph per draw, kept across calls (_sample_fns)
-        sampler = self.last_sampler = Sampler(seed, self.device, fns=self._sample_fns)
+        sampler = self.last_sampler = Sampler(seed, self.device, fns=self._sample_fns, graph=self.decode != "dynamic")
         stop = set(stop_tokens)
         t0 = time.perf_counter()
         for i in range(max_tokens):
@@ -664,11 +665,7 @@ class MemorySession:
                 return
 
     def _sample(self, sampler, logits, temperature, top_k):
-        """(1, V) logits -> (1, 1) token ids on the device (no host sync)."""
-        if self.decode == "dynamic":   # the eager reference path: no graph
-            out = sample_counter(logits, sampler.state, temperature, top_k)
-            sampler.state[1:].add_(1)
-            return out
+        """(1, V) logits -> (1, 1) token ids on the device (no host sync); bench_decode times it."""
         return sampler(logits, temperature, top_k)
 
     def _queue_step(self, nxt):
