@@ -9,6 +9,7 @@ import json
 import tempfile
 import contextlib
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -136,6 +137,25 @@ def inference_dtype(name, device_type):
 def synchronize(device_type):
     if device_type == "cuda":
         torch.cuda.synchronize()
+
+
+def to_device(x, device):
+    """A host array (numpy, a list of numpy arrays to concatenate, or a CPU tensor) on `device`.
+    On CUDA through pinned memory and non_blocking: a copy from pageable memory synchronizes the
+    stream, so the host would wait for all the work it queued before (a decode loop's copies then
+    serialize host and device). A list is concatenated straight into the pinned block, which is
+    the caching host allocator's, kept until the copy is done."""
+    device = torch.device(device)
+    if isinstance(x, list):
+        if device.type != "cuda":
+            return torch.from_numpy(np.concatenate(x)).to(device)
+        buf = torch.empty((sum(map(len, x)),) + x[0].shape[1:], dtype=torch.from_numpy(x[0][:0]).dtype, pin_memory=True)
+        np.concatenate(x, out=buf.numpy())
+        return buf.to(device, non_blocking=True)
+    t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _umask_chmod(fd):

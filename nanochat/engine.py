@@ -1,13 +1,9 @@
 """
 KV-cached generation, plain and with MegaContext memory.
 
-Engine: prefill the prompt once (batch 1, in chunks, logits only for the last position),
-replicate the cache for `num_samples` rows, then decode one token per step for every row; rows
-that hit a stop token are finished and padded. Sampling: temperature (0 = greedy) and top-k,
-with an explicit torch.Generator so a seed reproduces a sample.
-One-token steps (Engine and MemorySession) run through DecodeStep (nanochat/decode_step.py) by
-default (decode="static"): the same shapes at every step, captured once as a CUDA graph on CUDA
-and replayed.
+Engine, plain KV-cached generation, lives in nanochat/kv_engine.py (re-exported here). One-token
+steps run through DecodeStep (nanochat/decode_step.py): the same shapes at every step, captured
+once as a CUDA graph on CUDA and replayed.
 
 MemorySession: one conversation's memory and the MegaContext decode loop (DESIGN §9):
 ingest -> refocus -> decode, chunked by K.
@@ -52,7 +48,7 @@ import collections
 import numpy as np
 import torch
 
-from nanochat.common import fail, atomic_write_json, atomic_write_bytes, autocast_ctx, lock_dir
+from nanochat.common import fail, atomic_write_json, atomic_write_bytes, autocast_ctx, lock_dir, to_device
 from nanochat.gpt import lens_features
 from nanochat.decode_step import DecodeStep, DECODE_MODES, sample_next, qkv_modules, cache_dtype, check_decode, GraphedFn, no_cache_autocast, Sampler  # noqa: F401 (re-exported)
 from nanochat.attention import KVCache, fixed_shape
@@ -302,17 +298,17 @@ class MemorySession:
         """emb rows src -> dst on the device, exactly: one gather, then one scatter (source and
         target rows may overlap)."""
         with _phase("mc.emb_move"):
-            rows = self._h2d([src, dst])
+            rows = to_device([src, dst], self.device)
             self.emb[rows[len(src):]] = self.emb[rows[:len(src)]]
 
     def _fresh_rows(self, lv, dst, tree_rows, whole=False):
         """Entry embeddings of the tree's rows (_tree_rows of entries at levels lv) into emb rows
-        dst: every index in one host->device copy (each blocking copy is a wait for the device)."""
+        dst: every index in one host->device copy (common.to_device: pinned, non-blocking)."""
         tok, rows, parts = tree_rows
         with _phase("mc.emb_fresh"):
             nf = len(dst)
             grow = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-            meta = self._h2d([lv, tok, dst, grow])
+            meta = to_device([lv, tok, dst, grow], self.device)
             lvd, tokd, dstd, growd = meta.split([nf, nf, nf, len(grow)])
             gists = self._gist_rows(nf, rows, parts, idx=growd)
             emb = self.model.entry_embeddings(lvd[None], tokd[None], gists[None])[0].to(self.emb.dtype)
@@ -320,23 +316,6 @@ class MemorySession:
                 self.emb[int(dst[0]):int(dst[0]) + nf] = emb
             else:
                 self.emb.index_copy_(0, dstd, emb)
-
-    def _h2d(self, x):
-        """A host array (numpy, a list of numpy arrays to concatenate, or a CPU tensor) on the
-        device. On CUDA through pinned memory and non_blocking: a copy from pageable memory
-        synchronizes the stream, so the host would wait for all the work it queued before (a
-        refocus's copies then serialize host and device). A list is concatenated straight into
-        the pinned block, which is the caching host allocator's, kept until the copy is done."""
-        if isinstance(x, list):
-            if self.device.type != "cuda":
-                return torch.from_numpy(np.concatenate(x)).to(self.device)
-            buf = torch.empty((sum(map(len, x)),) + x[0].shape[1:], dtype=torch.from_numpy(x[0][:0]).dtype, pin_memory=True)
-            np.concatenate(x, out=buf.numpy())
-            return buf.to(self.device, non_blocking=True)
-        t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
-        if self.device.type != "cuda":
-            return t.to(self.device)
-        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _tree_rows(self, lv, ix):
         """The tree's data for entries (lv, ix): token ids (0 at gist entries) and, for the gist
@@ -364,16 +343,16 @@ class MemorySession:
         gists = torch.zeros(n, self.config.n_embd, device=self.device, dtype=dt)
         if parts:
             if idx is None:
-                idx = self._h2d(rows)
+                idx = to_device(rows, self.device)
             # bf16 bits are uint16 in numpy, which has no bfloat16: int16 crosses, viewed as bf16 there
-            gists[idx] = self._h2d([p.view(np.int16) if p.dtype == np.uint16 else p for p in parts]).view(dt)
+            gists[idx] = to_device([p.view(np.int16) if p.dtype == np.uint16 else p for p in parts], self.device).view(dt)
         self.counters["fresh_gists"] = self.counters.get("fresh_gists", 0) + sum(map(len, parts))
         return gists
 
     def _positions(self, j, E, wc=None):
         if self.mc and self.config.pos_scheme == "gaussian":
             p, s = (wc or self.wc).positions("gaussian")
-            to = lambda x: self._h2d(np.ascontiguousarray(x[j:E]))[None]  # noqa: E731
+            to = lambda x: to_device(np.ascontiguousarray(x[j:E]), self.device)[None]  # noqa: E731
             return to(p), to(s)
         return torch.arange(j, E, device=self.device)[None], None
 
@@ -412,7 +391,7 @@ class MemorySession:
             x = self.emb[j:E][None]
         else:
             self._known = j  # plain: the layout is written below, as slots get cached
-            x = self._h2d(np.asarray(self.tokens[self.w0 + j:self.w0 + E], dtype=np.int64))[None] if step else None
+            x = to_device(np.asarray(self.tokens[self.w0 + j:self.w0 + E], dtype=np.int64), self.device)[None] if step else None
         if step:
             if self._step is None:  # the cache lives as long as the session: one graph serves it
                 self._step = DecodeStep(self.model, self.cache, self.autocast, compile=self.decode == "compiled",
@@ -449,7 +428,7 @@ class MemorySession:
                 if self.mc:
                     h = self.model(embeds=self.emb[a:b][None], **kw)
                 else:
-                    ids = self._h2d(np.asarray(self.tokens[self.w0 + a:self.w0 + b], dtype=np.int64))
+                    ids = to_device(np.asarray(self.tokens[self.w0 + a:self.w0 + b], dtype=np.int64), self.device)
                     h = self.model(ids[None], **kw)
             return self.model.logits_and_loss(h[:, -1])[0]
 
@@ -473,7 +452,7 @@ class MemorySession:
             self._last, self._pos_w = torch.zeros(1, dtype=torch.long, device=dev), torch.arange(self.W, device=dev)[None]
         if self.config.pos_scheme == "gaussian":   # the window's positions, padded to W (values past E are unused)
             p, s = self.wc.positions("gaussian")
-            pos, sigma = (self._h2d(np.pad(a, (0, self.W - len(a)), mode="edge"))[None] for a in (p, s))
+            pos, sigma = (to_device(np.pad(a, (0, self.W - len(a)), mode="edge"), self.device)[None] for a in (p, s))
         else:
             pos, sigma = self._pos_w, None
         for m in self._qkv_modules:   # the stacked q/k/v weights, fresh and set: the graph reads them as they are
@@ -489,7 +468,7 @@ class MemorySession:
     def _gist_fn(self, child_level, children):
         # one block while decoding: pinned and non-blocking; ingest's big batches stay pageable
         # (pinned blocks stay cached by the host allocator)
-        children = self._h2d(children) if children.size(0) == 1 else children.to(self.device)
+        children = to_device(children, self.device) if children.size(0) == 1 else children.to(self.device)
         if children.is_floating_point():  # the tree widens gists to fp32; bf16 weights want bf16
             children = children.to(self.model.transformer.wte.weight.dtype)
         if children.size(0) == 1 and self.decode != "dynamic":
@@ -590,11 +569,11 @@ class MemorySession:
             # (_lens_scores; a full window is one); the integer inputs in one host->device copy
             Ep = min(self.W, -(-E // self.lens_bucket) * self.lens_bucket)
             pad = Ep - E
-            ints = self._h2d(np.concatenate([np.pad(self.wc.starts, (0, pad)), np.pad(self.wc.widths, (0, pad), constant_values=1),
-                                             np.pad(lv, (0, pad)), recent_np, [E, N]]).astype(np.int64))
+            ints = to_device(np.concatenate([np.pad(self.wc.starts, (0, pad)), np.pad(self.wc.widths, (0, pad), constant_values=1),
+                                             np.pad(lv, (0, pad)), recent_np, [E, N]]).astype(np.int64), self.device)
             # LensNet reads the match only if it was trained to (lens_match): "union" on another
             # model computes the mass for match_top alone
-            match = self._h2d(np.pad(mass, (0, pad)).astype(np.float32)) if self.model.config.lens_match else None
+            match = to_device(np.pad(mass, (0, pad)).astype(np.float32), self.device) if self.model.config.lens_match else None
             if self._lens_fn is None:
                 self._lens_fn = GraphedFn(self._lens_scores) if self.decode != "dynamic" else self._lens_scores
             return self._lens_fn(ints[:3 * Ep].view(3, Ep), ints[3 * Ep:], match)[:E].float().cpu().numpy()
@@ -726,6 +705,22 @@ class MemorySession:
         self.counters["recomputed"] += 1
         self.counters["reused"] += j
         self.counters["pipelined"] = self.counters.get("pipelined", 0) + 1
+
+    @torch.no_grad()
+    def reference_embeddings(self):
+        """(E, D) in emb's dtype on the device: entry_embeddings of the whole window from scratch,
+        entry by entry from the tree (fp32 gists), with none of materialize's moves, raw reads or
+        step writes: what self.emb[:E] must equal bit for bit (tests, bench_decode's emb_exact)."""
+        lv, ix = self.wc.levels, self.wc.indices
+        tok, gists = np.zeros(len(lv), np.int64), torch.zeros(len(lv), self.config.n_embd)
+        for j, (l, i) in enumerate(zip(lv.tolist(), ix.tolist())):
+            if l == 0:
+                tok[j] = int(self.tree.tokens(i, i + 1)[0])
+            else:
+                gists[j] = self.tree.gists(l, i, i + 1)[0]
+        dev = self.device
+        return self.model.entry_embeddings(torch.from_numpy(lv)[None].to(dev), torch.from_numpy(tok)[None].to(dev),
+                                           gists[None].to(dev))[0].to(self.emb.dtype)
 
     def focus_map(self):
         """Runs of consecutive entries at one level: [{"start", "end", "level", "entries"}] (tokens)."""

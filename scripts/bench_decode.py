@@ -161,23 +161,11 @@ class SyncSites:
                 "sites": dict(sorted(self.sites.items(), key=lambda kv: -kv[1]))}
 
 
-@torch.no_grad()
 def window_emb_exact(s):
     """After a run: the session's window buffer (rows moved, read from the tree and written by
-    the steps) equals entry_embeddings of the whole window from scratch (tree.gists, fp32), bit
-    for bit."""
+    the steps) equals the window's embeddings from scratch, bit for bit."""
     s.logits()
-    lv, ix = s.wc.levels, s.wc.indices
-    tok, gists = np.zeros(len(lv), np.int64), torch.zeros(len(lv), s.config.n_embd)
-    for j, (l, i) in enumerate(zip(lv.tolist(), ix.tolist())):
-        if l == 0:
-            tok[j] = int(s.tree.tokens(i, i + 1)[0])
-        else:
-            gists[j] = s.tree.gists(l, i, i + 1)[0]
-    dev = s.emb.device
-    ref = s.model.entry_embeddings(torch.from_numpy(lv)[None].to(dev), torch.from_numpy(tok)[None].to(dev),
-                                   gists[None].to(dev))[0].to(s.emb.dtype)
-    return bool(torch.equal(s.emb[:len(lv)], ref))
+    return bool(torch.equal(s.emb[:len(s.wc)], s.reference_embeddings()))
 
 
 ALLOC_KEYS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")

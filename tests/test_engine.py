@@ -40,25 +40,11 @@ def make_model(mc=True, scheme="entry", seed=0, vocab=V, seq=64):
 
 
 @torch.no_grad()
-def reference_emb(s):
-    """From scratch, entry by entry: the working context -> entry_embeddings (1, E, D)."""
-    m, wc, tree = s.model, s.wc, s.tree
-    lv, ix = wc.levels, wc.indices
-    tok, gists = np.zeros(len(lv), np.int64), torch.zeros(len(lv), m.config.n_embd)
-    for j, (l, i) in enumerate(zip(lv.tolist(), ix.tolist())):
-        if l == 0:
-            tok[j] = int(tree.tokens(i, i + 1)[0])
-        else:
-            gists[j] = tree.gists(l, i, i + 1)[0]
-    return m.entry_embeddings(torch.from_numpy(lv)[None], torch.from_numpy(tok)[None], gists[None])
-
-
-@torch.no_grad()
 def reference_logits(s):
     """From scratch: the working context -> entry_embeddings -> one forward."""
     m, wc = s.model, s.wc
     lv = wc.levels
-    emb = reference_emb(s)
+    emb = s.reference_embeddings()[None]   # emb's dtype is the model's
     if m.config.pos_scheme == "gaussian":
         pos, sigma = (torch.from_numpy(a)[None] for a in wc.positions("gaussian"))
     else:
@@ -143,14 +129,14 @@ def test_materialize_moves_the_rows_an_edit_shifted():
         s.ingest([t % V])
         s.logits()
         E = len(s.wc)
-        assert torch.equal(s.emb[:E], reference_emb(s)[0].to(s.emb.dtype)), t
+        assert torch.equal(s.emb[:E], s.reference_embeddings()), t
         assert (s._lv[:E] == s.wc.levels).all() and (s._ix[:E] == s.wc.indices).all()
     assert shifted and s.counters["emb_reused"] - reused > W // 2   # rows really moved, not re-read
     check(s)
     for _ in s.generate(12, temperature=0.0):   # the pipelined steps' rows, then a refocus's move
         pass
     check(s)   # (the last generated token gets its row here)
-    assert torch.equal(s.emb[:len(s.wc)], reference_emb(s)[0].to(s.emb.dtype))
+    assert torch.equal(s.emb[:len(s.wc)], s.reference_embeddings())
 
 
 def test_a_failed_step_leaves_no_stale_row():
@@ -172,11 +158,11 @@ def test_a_failed_step_leaves_no_stale_row():
     assert s._lv[len(s.wc) - 1] == -1   # the slot the failed step was to write is no known node
     s._step = step
     check(s)
-    assert s.last_recomputed == 1 and torch.equal(s.emb[:len(s.wc)], reference_emb(s)[0].to(s.emb.dtype))
+    assert s.last_recomputed == 1 and torch.equal(s.emb[:len(s.wc)], s.reference_embeddings())
     s.ingest(np.arange(40) % V)     # a full window: collapses move the rows behind them
     s.refocus()
     check(s)
-    assert torch.equal(s.emb[:len(s.wc)], reference_emb(s)[0].to(s.emb.dtype))
+    assert torch.equal(s.emb[:len(s.wc)], s.reference_embeddings())
 
 
 @pytest.mark.parametrize("lens_match", [False, True])
